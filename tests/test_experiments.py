@@ -1,0 +1,107 @@
+"""The run cache: reuse without re-running, interrupted runs never read as results, the lock."""
+import json, os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+import pytest
+from attnssl.core import ConfigError
+from attnssl.experiments import (DEFAULT_CONFIG, RunLocked, cached_run, canonical_config, config_key, load_result,
+                                 override, run_dir, run_lock, runs_root)
+
+def fake(calls):
+    def fn(cfg, d):
+        calls.append(cfg["seed"])
+        (d/"last.pt").write_text(str(len(calls)))
+        if cfg["train"].get("crash"): raise RuntimeError("killed")
+        return {"knn_top1": 0.25 + cfg["seed"], "resumed_from": (d/"last.pt").read_text()}
+    return fn
+
+def test_key_canonical():
+    assert config_key({}) == config_key(DEFAULT_CONFIG)
+    assert config_key({"runtime": {"device": "cpu", "data_root": "/x"}}) == config_key({})
+    assert config_key(override({}, {"train.lr": 1})) == config_key(override({}, {"train.lr": 1.0}))
+    assert config_key({"seed": 1}) != config_key({"seed": 0})
+    assert config_key(override({}, {"views.name": "attention"})) != config_key({})
+    # key order does not matter
+    c = override({}, {"method.temperature": 0.2, "method.name": "simclr"})
+    c2 = {"method": {"name": "simclr", "temperature": 0.2}}
+    assert config_key(c) == config_key(c2)
+
+def test_bad_config():
+    with pytest.raises(ConfigError, match="valid config sections"): canonical_config({"trian": {}})
+    with pytest.raises(ConfigError, match="runtime"): canonical_config({"runtime": {"gpu": 1}})
+    with pytest.raises(ConfigError): canonical_config({"seed": "zero"})
+
+def test_reuse_no_rerun(tmp_path):
+    calls = []
+    r1 = cached_run({"seed": 3}, fake(calls), root=tmp_path)
+    r2 = cached_run({"seed": 3, "runtime": {"device": "cpu"}}, fake(calls), root=tmp_path)
+    assert calls == [3] and r1["cached"] is False and r2["cached"] is True
+    assert r2["knn_top1"] == r1["knn_top1"] == 3.25
+    assert set(r1["cost"]) >= {"wall_s", "peak_cpu_mb", "peak_gpu_mb", "device"}
+    assert r1["config"]["seed"] == 3 and r1["key"] == config_key({"seed": 3})
+    d = run_dir({"seed": 3}, tmp_path)
+    assert json.loads((d/"config.json").read_text())["seed"] == 3 and not (d/"lock").exists()
+
+def test_interrupted_run_is_resumed_not_read(tmp_path):
+    calls, cfg = [], {"seed": 1, "train": {"crash": True}}
+    with pytest.raises(RuntimeError): cached_run(cfg, fake(calls), root=tmp_path)
+    d = run_dir(cfg, tmp_path)
+    assert d.exists() and load_result(d) is None and not (d/"lock").exists()
+    calls2 = []
+    def finish(c, dd):  # the "trainer" sees the checkpoint left behind
+        calls2.append(1); return {"resumed_from": (dd/"last.pt").read_text()}
+    r = cached_run(cfg, finish, root=tmp_path)
+    assert calls2 == [1] and r["resumed_from"] == "1" and r["cost"]["resumed"] is True
+    assert load_result(d)["resumed_from"] == "1"
+
+def test_result_written_last(tmp_path):
+    seen = {}
+    def fn(c, d):
+        seen["during"] = (d/"result.json").exists(); return {}
+    cached_run({}, fn, root=tmp_path)
+    assert seen["during"] is False and load_result(run_dir({}, tmp_path)) is not None
+
+def test_runs_root_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNSSL_RUNS", str(tmp_path/"r"))
+    assert runs_root() == (tmp_path/"r").resolve() and (tmp_path/"r").is_dir()
+    assert runs_root(tmp_path/"x") == (tmp_path/"x").resolve()
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from attnssl.experiments import run_lock
+    with run_lock(sys.argv[1]):
+        print("locked", flush=True); time.sleep(60)
+""")
+
+def test_lock_live_then_stale(tmp_path):
+    d = tmp_path/"run"
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(d)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLocked, match="being run by pid"):
+            with run_lock(d, wait=False): pass
+        with pytest.raises(RunLocked):
+            with run_lock(d, timeout=0.3, poll=0.1): pass
+        p.send_signal(signal.SIGKILL); p.wait()
+        assert (d/"lock").exists()  # the dead holder left its lock behind
+        with run_lock(d, wait=False): pass  # stale: broken and taken
+        assert not (d/"lock").exists() and not list(d.glob("lock.stale.*"))
+    finally:
+        if p.poll() is None: p.kill(); p.wait()
+
+WORKER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from attnssl.experiments import cached_run
+    def fn(cfg, d):
+        with open(Path(sys.argv[1]).parent/"calls.txt", "a") as f: f.write("x")
+        time.sleep(1.0); return {"v": 1}
+    r = cached_run({"seed": 7}, fn, root=sys.argv[1])
+    print(r["v"], r["cached"])
+""")
+
+def test_two_processes_train_once(tmp_path):
+    root = tmp_path/"runs"
+    ps = [subprocess.Popen([sys.executable, "-c", WORKER, str(root)], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = sorted(p.communicate(timeout=60)[0].strip() for p in ps)
+    assert (tmp_path/"calls.txt").read_text() == "x"
+    assert outs == ["1 False", "1 True"]
