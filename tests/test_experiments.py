@@ -39,7 +39,7 @@ def test_reuse_no_rerun(tmp_path):
     assert set(r1["cost"]) >= {"wall_s", "peak_cpu_mb", "peak_gpu_mb", "device"}
     assert r1["config"]["seed"] == 3 and r1["key"] == config_key({"seed": 3})
     d = run_dir({"seed": 3}, tmp_path)
-    assert json.loads((d/"config.json").read_text())["seed"] == 3 and not (d/"lock").exists()
+    assert json.loads((d/"run_config.json").read_text())["seed"] == 3 and not (d/"lock").exists()
 
 def test_interrupted_run_is_resumed_not_read(tmp_path):
     calls, cfg = [], {"seed": 1, "train": {"crash": True}}
