@@ -43,7 +43,9 @@ def _worker() -> dict:
     r, n = D.rank(), D.world_size()
     rows = slice(r * B, (r + 1) * B)
     z1, z2, teacher = _data()
-    out = {"rank": r, "world_size": n, "loss": {}, "g1": {}, "g2": {}}
+    out = {"rank": r, "world_size": n, "loss": {}, "g1": {}, "g2": {}, "main": D.is_main_process(),
+           "distributed": D.is_distributed()}
+    D.barrier()
     for tau in (0.1, 0.5):
         x1, x2 = z1[rows].clone().requires_grad_(True), z2[rows].clone().requires_grad_(True)
         loss = nt_xent(x1, x2, tau, gather=True)
@@ -75,7 +77,8 @@ def ranks():
     return D.launch_local(_worker, world_size=W, start_method=method)
 
 def test_ranks_started(ranks):
-    assert [o["rank"] for o in ranks] == [0, 1] and all(o["world_size"] == W for o in ranks)
+    assert [o["rank"] for o in ranks] == [0, 1] and all(o["world_size"] == W and o["distributed"] for o in ranks)
+    assert [o["main"] for o in ranks] == [True, False]
 
 @pytest.mark.parametrize("tau", [0.1, 0.5])
 def test_nt_xent_gather_equals_single_process(ranks, tau):
