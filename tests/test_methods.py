@@ -1,0 +1,262 @@
+"""Methods: forward/backward, target branches get no gradient, EMA / queue / bank / centre updates,
+state_dict round trips, build_method errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnssl.core import ConfigError
+from attnssl.methods import (BYOL, DINO, METHODS, MemoryBank, MoCoV1, MoCoV2, NNCLR, SimCLR, SimSiam,
+                             build_method, fifo_enqueue_, method_hparams)
+from attnssl.models import build_backbone, cosine_momentum
+
+torch.set_num_threads(1)
+B, S, N = 8, 16, 64                 # batch, image size, dataset size (memory bank)
+
+KW = {"memory_bank": dict(num_samples=N, num_negatives=16), "moco_v1": dict(queue_size=32),
+      "moco_v2": dict(queue_size=32), "nnclr": dict(queue_size=32),
+      "dino": dict(out_dim=64, hidden_dim=32, bottleneck_dim=16)}
+TARGET_PREFIX = {"moco_v1": "key_", "moco_v2": "key_", "byol": "target_", "dino": "teacher_"}
+
+
+def backbone():
+    return build_backbone("resnet18", width=4)
+
+
+def make(name, **kw):
+    torch.manual_seed(0)
+    return build_method(name, backbone(), **{**KW.get(name, {}), **kw})
+
+
+def views_batch(seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(B, 3, S, S, generator=g).requires_grad_(grad) for _ in range(2)]
+    return views, {"index": torch.arange(10, 10 + B), "label": torch.zeros(B, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_forward_backward_contract(name):
+    m = make(name)
+    views, batch = views_batch()
+    out = m(views, batch)
+    assert set(out) >= {"loss", "z", "h0", "p_pos", "s_pos", "s_neg"}
+    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])
+    assert len(out["z"]) == 2 and all(z.shape[0] == B and z.requires_grad for z in out["z"])
+    assert out["h0"].shape == (B, m.backbone.out_dim) and not out["h0"].requires_grad
+    assert torch.isfinite(out["s_pos"]) and torch.isfinite(out["s_neg"])
+    assert math.isnan(float(out["p_pos"])) == (name in ("byol", "simsiam", "dino"))
+    out["loss"].backward()
+    g = m.backbone.stem[0].weight.grad
+    assert g is not None and g.abs().sum() > 0
+    assert m.encode(views[0]).shape == (B, m.backbone.out_dim)
+    assert m.name == name and m.num_views == 2
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(METHODS) if n != "simclr"])
+@pytest.mark.parametrize("target", [0, 1])
+def test_target_view_gets_no_gradient(name, target):
+    m = make(name)
+    views, batch = views_batch(grad=True)
+    out = m(views, batch, target=target)
+    out["loss"].backward()
+    assert views[1 - target].grad is not None and views[1 - target].grad.abs().sum() > 0
+    assert views[target].grad is None or views[target].grad.abs().sum() == 0
+    assert not out["z"][target].requires_grad and out["z"][1 - target].requires_grad
+    prefix = TARGET_PREFIX.get(name)
+    if prefix:                                       # the momentum branch never takes gradients
+        tparams = [p for n, p in m.named_parameters() if n.startswith(prefix)]
+        assert tparams and all(not p.requires_grad and p.grad is None for p in tparams)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_symmetric_both_views_get_gradient(name):
+    m = make(name)
+    views, batch = views_batch(grad=True)
+    m(views, batch)["loss"].backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in views)
+
+
+def test_simclr_ignores_target_and_bad_target():
+    m = make("simclr")
+    views, batch = views_batch()
+    m.eval()
+    assert torch.allclose(m(views, batch)["loss"], m(views, batch, target=1)["loss"])
+    with pytest.raises(ConfigError, match="target"):
+        m(views, batch, target=2)
+    with pytest.raises(ConfigError, match="2 views"):
+        m(views[:1], batch)
+
+
+def test_fifo_enqueue_semantics():
+    q, ptr = torch.zeros(5, 1), torch.zeros((), dtype=torch.long)
+    fifo_enqueue_(q, ptr, torch.tensor([[1.], [2.], [3.]]))
+    assert q.flatten().tolist() == [1, 2, 3, 0, 0] and int(ptr) == 3
+    fifo_enqueue_(q, ptr, torch.tensor([[4.], [5.], [6.]]))     # wraps: 6 overwrites the oldest (1)
+    assert q.flatten().tolist() == [6, 2, 3, 4, 5] and int(ptr) == 1
+    fifo_enqueue_(q, ptr, torch.arange(10., 17.)[:, None])     # 7 keys > K=5: only the newest 5 survive
+    assert sorted(q.flatten().tolist()) == [12, 13, 14, 15, 16] and int(ptr) == (1 + 7) % 5
+    assert q[int(ptr) - 1].item() == 16                         # the newest sits just before the pointer
+    fifo_enqueue_(q, ptr, torch.zeros(0, 1))
+    assert int(ptr) == 3
+
+
+@pytest.mark.parametrize("cls", [MoCoV1, MoCoV2])
+def test_moco_queue_and_ema(cls):
+    torch.manual_seed(0)
+    m = cls(backbone(), queue_size=20, momentum=0.9)
+    views, batch = views_batch()
+    out = m(views, batch, target=1)                               # view 1 only through the key encoder
+    out["loss"].backward()
+    online_before = [p.detach().clone() for p in m.backbone.parameters()]
+    key_before = [p.detach().clone() for p in m.key_backbone.parameters()]
+    torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5).step()
+    m.on_step_end(1, 10)
+    assert int(m.queue_ptr) == B
+    assert torch.allclose(m.queue[:B], F.normalize(out["z"][1], dim=1), atol=1e-6)
+    for pk, k0, po in zip(m.key_backbone.parameters(), key_before, m.backbone.parameters()):
+        assert torch.allclose(pk, 0.9 * k0 + 0.1 * po, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(online_before, m.backbone.parameters()))
+    # symmetric step enqueues both views' keys; the pointer wraps past K=20
+    m(views, batch)["loss"].backward(); m.on_step_end(2, 10)
+    assert int(m.queue_ptr) == (B + 2 * B) % 20
+    # evaluation forwards never touch the queue
+    m.eval(); q = m.queue.clone(); m(views, batch); m.on_step_end(3, 10)
+    assert torch.equal(q, m.queue)
+
+
+def test_moco_v1_v2_heads_and_shuffled_bn_keys():
+    v1, v2 = make("moco_v1"), make("moco_v2")
+    assert len(v1.projector) == 1 and v1.temperature == 0.07
+    assert len(v2.projector) == 3 and v2.temperature == 0.2 and v2.queue.shape == (32, 128)
+    x = torch.randn(B, 3, S, S)
+    v2.train()
+    torch.manual_seed(5); h, k = v2._keys(x)
+    torch.manual_seed(5); perm = torch.randperm(B)
+    parts = [v2.key_backbone(c) for c in x[perm].chunk(2)]
+    ref = torch.cat([v2.key_projector(p) for p in parts])
+    inv = torch.argsort(perm)
+    assert torch.allclose(k, ref[inv], atol=1e-5) and torch.allclose(h, torch.cat(parts)[inv], atol=1e-5)
+    v2.eval()
+    _, k_eval = v2._keys(x)
+    assert torch.allclose(k_eval, v2.key_projector(v2.key_backbone(x)), atol=1e-5)
+
+
+def test_byol_ema_cosine_schedule():
+    torch.manual_seed(0)
+    m = BYOL(backbone(), momentum=0.9)
+    views, batch = views_batch()
+    m(views, batch)["loss"].backward()
+    torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5).step()
+    t0 = [p.clone() for p in m.target_projector.parameters()]
+    m.on_step_end(3, 10)
+    mom = cosine_momentum(0.9, 3, 10)
+    for pt, a, po in zip(m.target_projector.parameters(), t0, m.projector.parameters()):
+        assert torch.allclose(pt, mom * a + (1 - mom) * po, atol=1e-6)
+    t1 = [p.clone() for p in m.target_backbone.parameters()]
+    m.on_step_end(10, 10)                                      # end of training: momentum 1, target frozen
+    assert all(torch.equal(a, b) for a, b in zip(t1, m.target_backbone.parameters()))
+    with pytest.raises(ConfigError, match="cosine"):
+        BYOL(backbone(), momentum_schedule="linear")
+
+
+def test_simsiam_stop_gradient_matches_manual():
+    torch.manual_seed(0)
+    m = SimSiam(backbone())
+    views, batch = views_batch()
+    m.eval()                                                    # deterministic BN for a value check
+    out = m(views, batch, target=1)
+    z0 = m.projector(m.backbone(views[0])); p0 = m.predictor(z0)
+    z1 = m.projector(m.backbone(views[1]))
+    assert torch.allclose(out["loss"], -F.cosine_similarity(p0, z1).mean(), atol=1e-5)
+    assert m.predictor[0].out_features == m.backbone.out_dim // 4
+    assert isinstance(m.projector[-1], torch.nn.BatchNorm1d) and not m.projector[-1].affine
+
+
+def test_nnclr_support_queue():
+    m = make("nnclr")
+    views, batch = views_batch()
+    out = m(views, batch); out["loss"].backward(); m.on_step_end(1, 5)
+    assert int(m.queue_ptr) == B
+    assert torch.allclose(m.queue[:B], F.normalize(out["z"][0], dim=1), atol=1e-6)
+
+
+def test_memory_bank_rows():
+    m = make("memory_bank")
+    views, batch = views_batch()
+    before = m.bank.clone()
+    out = m(views, batch, target=1); out["loss"].backward(); m.on_step_end(1, 5)
+    idx = batch["index"]
+    changed = (m.bank != before).any(1).nonzero().flatten()
+    assert changed.tolist() == idx.tolist()
+    expected = F.normalize(0.5 * before[idx] + 0.5 * F.normalize(out["z"][1], dim=1), dim=1)
+    assert torch.allclose(m.bank[idx], expected, atol=1e-5)
+    assert torch.allclose(m.bank.norm(dim=1), torch.ones(N), atol=1e-5)
+    with pytest.raises(ConfigError, match="index"):
+        m(views, {"label": batch["label"]})
+    with pytest.raises(ConfigError, match="num_samples"):
+        m(views, {"index": torch.arange(N - 2, N - 2 + B)})
+    with pytest.raises(ConfigError, match="num_samples"):
+        MemoryBank(backbone())
+
+
+def test_dino_centre_multicrop_and_temperature():
+    torch.manual_seed(0)
+    vit = build_backbone("vit", embed_dim=16, depth=1, num_heads=2, img_size=16)
+    m = DINO(vit, out_dim=32, hidden_dim=16, bottleneck_dim=8, n_local=2, warmup_teacher_temp=0.02,
+             warmup_teacher_temp_steps=10, teacher_temp=0.06)
+    assert m.num_views == 4
+    views = [torch.randn(B, 3, 16, 16) for _ in range(2)] + [torch.randn(B, 3, 8, 8) for _ in range(2)]
+    with torch.no_grad():
+        t = torch.cat([m.teacher_head(m.teacher_backbone(v))[0] for v in views[:2]])
+    out = m(views, {})
+    assert len(out["z"]) == 4 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert m.head.last_v.grad is not None and m.head.last_g.grad is None     # norm of the last layer fixed
+    assert m.current_teacher_temp() == pytest.approx(0.02)
+    m.on_step_end(5, 100)
+    assert torch.allclose(m.center, 0.1 * t.mean(0, keepdim=True), atol=1e-6)
+    assert int(m.step) == 5 and m.current_teacher_temp() == pytest.approx(0.04)
+    m.on_step_end(50, 100)
+    assert m.current_teacher_temp() == pytest.approx(0.06)
+    with pytest.raises(ConfigError, match="4 views"):
+        m(views[:2], {})
+    with pytest.raises(ConfigError, match="two views"):
+        m(views, {}, target=1)
+
+
+@pytest.mark.parametrize("name", ["moco_v2", "nnclr", "memory_bank", "dino", "byol"])
+def test_state_dict_round_trip(name):
+    m = make(name)
+    views, batch = views_batch()
+    for step in range(2):
+        m(views, batch)["loss"].backward(); m.on_step_end(step + 1, 10)
+    sd = m.state_dict()
+    fresh = make(name)
+    fresh.load_state_dict(sd)
+    for k, v in sd.items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    for buf in ("queue", "queue_ptr", "bank", "center", "step"):
+        if hasattr(m, buf):
+            assert torch.equal(getattr(fresh, buf), getattr(m, buf))
+    # the restored EMA still points at the restored networks
+    if hasattr(fresh, "_ema"):
+        fresh.on_step_end(3, 10)
+        m.on_step_end(3, 10)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), m.state_dict().values()))
+
+
+def test_build_method_errors_and_hparams():
+    with pytest.raises(ConfigError, match="simclr.*simsiam|valid methods"):
+        build_method("simclr2", backbone())
+    with pytest.raises(ConfigError, match="temperature"):     # byol has no temperature: the valid list is shown
+        build_method("simclr", backbone(), temprature=0.1)
+    with pytest.raises(ConfigError, match="momentum"):
+        build_method("byol", backbone(), temperature=0.1)
+    with pytest.raises(ConfigError, match="schedule"):
+        build_method("moco_v2", backbone(), momentum_schedule="step")
+    assert set(METHODS) == {"simclr", "moco_v1", "moco_v2", "byol", "simsiam", "nnclr", "dino", "memory_bank"}
+    assert method_hparams("simclr")["temperature"] == 0.5 and method_hparams("byol")["momentum"] == 0.996
+    m = build_method("simclr", backbone(), proj_dim=32, temperature=0.2)
+    assert isinstance(m, SimCLR) and m.projector[-1].out_features == 32 and m.temperature == 0.2
+    assert m.projector[0].out_features == m.backbone.out_dim   # hidden width scales with the backbone
