@@ -1,0 +1,115 @@
+"""ClutterShapes: determinism, splits, cache, masks/boxes/areas, labels."""
+import os
+import pytest
+import torch
+
+from attnssl.core import ConfigError
+from attnssl.datasets import get_dataset, make_loader
+from attnssl.synthetic import (CLASSES, ClutterShapes, clutter_cache_path, generate_clutter, masks_to_boxes,
+                               render_shapes, shape_sdf, unit_areas)
+
+N = 250  # one generation chunk: every chunk costs the same, so tests reuse few
+
+@pytest.fixture(scope="module")
+def train():
+    return ClutterShapes("train", num_images=N, seed=3)
+
+def test_contract_attributes(train):
+    assert len(train) == N and train.classes == list(CLASSES) and train.num_classes == 10 and train.has_masks
+    assert train.images.dtype == torch.uint8 and train.images.shape == (N, 3, 32, 32)
+    assert train.masks.dtype == torch.uint8 and train.masks.shape == (N, 1, 32, 32)
+    assert set(train.masks.unique().tolist()) <= {0, 1}
+    assert train.labels.dtype == torch.long and train.boxes.shape == (N, 4) and train.boxes.dtype == torch.float32
+    assert len(train.mean) == 3 and len(train.std) == 3 and all(0 < v < 1 for v in train.mean + train.std)
+    item = train[5]
+    assert set(item) == {"image", "index", "label", "mask"} and item["index"] == 5
+    assert torch.equal(item["image"], train.images[5]) and item["label"] == int(train.labels[5])
+    b = train.get_batch(torch.tensor([7, 2]))
+    assert torch.equal(b["mask"], train.masks[[7, 2]]) and b["index"].tolist() == [7, 2]
+
+def test_deterministic_for_seed_and_prefix_stable(train):
+    a = generate_clutter(260, seed=3)            # crosses a chunk boundary
+    for k, v in [("images", train.images), ("masks", train.masks), ("labels", train.labels), ("boxes", train.boxes)]:
+        assert torch.equal(a[k][:N], v)           # same seed -> same data; first n independent of how many
+    b = generate_clutter(20, seed=4)
+    assert not torch.equal(b["images"], a["images"][:20])
+
+def test_splits_disjoint(train):
+    te = generate_clutter(250, seed=3, split="test")
+    seen = {bytes(x.numpy()) for x in train.images}
+    assert not any(bytes(x.numpy()) in seen for x in te["images"])
+
+def test_cache_written_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNSSL_CACHE", str(tmp_path))
+    first = ClutterShapes("test", num_images=40, seed=5)
+    path = clutter_cache_path("test", 40, 32, 5)
+    assert path.exists() and not first.from_cache and str(path).startswith(str(tmp_path))
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # atomic: no leftovers
+    import attnssl.synthetic as syn
+    monkeypatch.setattr(syn, "generate_clutter", lambda *a, **k: pytest.fail("cache not used"))
+    second = ClutterShapes("test", num_images=40, seed=5)
+    assert second.from_cache and torch.equal(first.images, second.images) and torch.equal(first.boxes, second.boxes)
+
+def test_corrupt_cache_regenerated(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNSSL_CACHE", str(tmp_path))
+    ref = ClutterShapes("train", num_images=20, seed=1, cache=False)
+    clutter_cache_path("train", 20, 32, 1).write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="regenerating"):
+        ds = ClutterShapes("train", num_images=20, seed=1)
+    assert torch.equal(ds.images, ref.images)
+
+def test_boxes_enclose_masks_tightly(train):
+    m = train.masks[:, 0].bool()
+    for i in range(len(train)):
+        ys, xs = torch.nonzero(m[i], as_tuple=True)
+        assert train.boxes[i].tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+    assert torch.equal(masks_to_boxes(torch.zeros(1, 1, 8, 8, dtype=torch.uint8)), torch.zeros(1, 4))
+
+def test_object_area_in_range(train):
+    area = train.masks.float().mean((1, 2, 3))
+    assert area.min() >= 0.035 and area.max() <= 0.42      # designed 5-40%, rasterised at 32 px
+    assert area.median() > 0.1
+
+def test_labels_balanced(train):
+    counts = torch.bincount(train.labels, minlength=10)
+    assert counts.tolist() == [25] * 10                      # 25 per class per chunk of 250
+    assert 1 <= torch.bincount(train.labels[:50], minlength=10).min()  # shuffled within a chunk
+
+def test_mask_matches_rendered_object():
+    # one shape, rendered alone: the mask is the sdf >= 0 region, and the object colour fills it
+    t = torch.arange(32, dtype=torch.float32) + 0.5
+    Y, X = torch.meshgrid(t, t, indexing="ij")
+    sdf = render_shapes(torch.tensor([0]), torch.tensor([16.0]), torch.tensor([16.0]), torch.tensor([10.0]),
+                        torch.tensor([0.0]), X, Y)
+    area = (sdf >= 0).float().sum().item()
+    assert abs(area - torch.pi * 9.5 ** 2) < 12              # circle of radius 0.95 * 10 px
+
+def test_shapes_distinct_and_in_unit_disc():
+    t = torch.linspace(-1, 1, 65)
+    y, x = torch.meshgrid(t, t, indexing="ij")
+    masks = [(shape_sdf(c, x, y) > 0) for c in range(10)]
+    for c, m in enumerate(masks):
+        assert not m[x ** 2 + y ** 2 > 1].any()
+    # no two classes are the same shape up to rotation: compare rotation-invariant radial profiles
+    rho = torch.sqrt(x ** 2 + y ** 2)
+    prof = torch.stack([torch.stack([m[(rho >= r) & (rho < r + 0.1)].float().mean() for r in torch.arange(0, 1, 0.1)])
+                        for m in masks])
+    d = torch.cdist(prof, prof) + torch.eye(10) * 10
+    assert d.min() > 0.05
+    assert (unit_areas() > 1).all()
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="valid splits"): ClutterShapes("val", num_images=10)
+    with pytest.raises(ConfigError, match="image_size"): generate_clutter(10, image_size=8)
+    with pytest.raises(ConfigError, match="num_images"): generate_clutter(0)
+
+def test_other_sizes_and_registry(train):
+    ds = get_dataset("clutter", "train", num_images=12, image_size=48, seed=3, cache=False)
+    assert ds.images.shape == (12, 3, 48, 48) and ds.masks.shape == (12, 1, 48, 48)
+    assert torch.equal(ds.labels, train.labels[:12])         # same scenes at any resolution
+    rel = (ds.masks.float().mean((1, 2, 3)) - train.masks[:12].float().mean((1, 2, 3))).abs()
+    assert rel.max() < 0.02
+    with pytest.raises(ConfigError, match="clutter option"): get_dataset("clutter", num_imgs=3)
+    ld = make_loader(ds, 4, seed=0)
+    b = next(iter(ld))
+    assert b["mask"].shape == (4, 1, 48, 48)
