@@ -134,12 +134,15 @@ def test_mask_equal_to_image_channel_stays_aligned():
 
 def test_no_crop_light_augment_is_exact_when_sizes_match():
     img = torch.rand(8, 3, 16, 16)
+    keep = img.clone()
     torch.manual_seed(0)
     aug = light_augment(16, p_jitter=0.0, p_gray=0.0)
     v, m = aug(img, img[:, :1])
     f = aug.last_params["flip"]
     expect = torch.where(f[:, None, None, None], img.flip(-1), img)
     assert torch.equal(v, expect) and torch.equal(m, expect[:, :1])
+    light_augment(16)(img, img[:, :1])
+    assert torch.equal(img, keep)                          # the input is never modified in place
     assert torch.equal(aug.last_params["boxes"], torch.tensor([[0.0, 0.0, 16.0, 16.0]]).expand(8, 4))
     v2, _ = light_augment(None, p_jitter=0.0, p_gray=0.0, p_flip=0.0)(torch.rand(2, 3, 9, 13))
     assert v2.shape == (2, 3, 9, 13)
@@ -200,6 +203,11 @@ def test_grayscale_blur_solarize():
     assert b.var((2, 3)).mean() < img.var((2, 3)).mean()
     c, _ = blur(torch.full((4, 3, 10, 10), 0.7))
     assert torch.allclose(c, torch.full_like(c, 0.7), atol=1e-5)
+    # every op on every sample, and on a subset after a whole-batch op (in-place writes must stay valid)
+    for p_gray in (1.0, 0.5):
+        torch.manual_seed(0)
+        out, _ = Augment(10, crop=False, p_flip=0.5, p_jitter=1.0, p_gray=p_gray, p_blur=0.5, p_solarize=0.5)(img)
+        assert out.shape == img.shape and out.min() >= 0 and out.max() <= 1
 
 
 def test_probabilities_are_respected():
