@@ -308,3 +308,25 @@ def test_factory_names():
     assert isinstance(build_attention_source("oracle", grid=8), GroundTruthSource)
     src = build_attention_source("random_vit", backbone_kwargs=dict(img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=3))
     assert src.maps(torch.randn(1, 3, 32, 32)).shape == (1, 1, 8, 8) and not src.outside_pretraining
+
+
+def test_dino_vit_source_trains_once_then_loads_from_cache(monkeypatch, tmp_path):
+    from attnssl.datasets import TensorDataset
+    from attnssl.attention import DinoViTConfig, dino_vit_source, dataset_fingerprint
+    monkeypatch.setenv("ATTNSSL_CACHE", str(tmp_path))
+    toy = ToyData(n=16)
+    data = TensorDataset(toy.images, torch.zeros(16, dtype=torch.long), masks=toy.masks, classes=["x"])
+    cfg = dict(epochs=1, batch_size=8, embed_dim=32, depth=2, num_heads=2, n_local=1, local_size=16,
+               out_dim=32, hidden_dim=32, bottleneck_dim=16, warmup_epochs=0)
+    src = dino_vit_source(data, cfg, device="cpu", block=0)
+    assert src.name == "dino_vit" and not src.outside_pretraining and src.block == 0
+    files = list((tmp_path / "attention" / "dino_vit").glob("*/vit.pt"))
+    assert len(files) == 1 and (files[0].parent / "run" / "last.pt").is_file()
+    assert not any(p.requires_grad for p in src.vit.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    again = build_attention_source("dino_vit", dataset=data, config=cfg, device="cpu", block=0)  # loaded, not trained
+    assert torch.allclose(again.maps(x), src.maps(x), atol=1e-6)
+    assert DinoViTConfig(**cfg).key(data) != DinoViTConfig(**{**cfg, "epochs": 2}).key(data)
+    other = TensorDataset(toy.images.flip(0), torch.zeros(16, dtype=torch.long), classes=["x"])
+    assert dataset_fingerprint(other) != dataset_fingerprint(data)
+    with pytest.raises(ConfigError, match="DinoViTConfig"): dino_vit_source(data, {"epoch": 1})
