@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from attnssl.core import ConfigError
-from attnssl.datasets import (DATASET_STATS, TensorDataset, collate_items, dataset_names, get_dataset, make_loader)
+from attnssl.datasets import (CIFAR10, CIFAR100, DATASET_STATS, STL10, CorruptImageError, FashionMNIST, ImageFolder,
+                              LazyImageFolder, TensorDataset, TinyImageNet, collate_items, dataset_names, get_dataset,
+                              make_loader, read_idx)
 
 def _rand_images(n, h=8, w=8, seed=0):
     return torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
@@ -103,8 +105,241 @@ def test_loader_dataloader_path_matches_tensor_path():
 
 def test_registry_names_and_errors():
     names = dataset_names()
-    for n in ["clutter"]:  # REAL-LOADERS-PENDING
+    for n in ["clutter", "stl10", "cifar10", "cifar100", "tiny-imagenet", "fashion-mnist", "imagefolder"]:
         assert n in names
     with pytest.raises(ConfigError) as e: get_dataset("imagenet-1k")
-    assert "valid names" in str(e.value) and "clutter" in str(e.value)  # REAL-LOADERS-PENDING
+    assert "valid names" in str(e.value) and "stl10" in str(e.value)
     with pytest.raises(ConfigError, match="valid splits"): get_dataset("clutter", split="val")
+
+
+# ---------------------------------------------------------------- STL-10 (official binary layout, written here)
+
+def _write_stl10(root, n_train=12, n_test=6, n_unl=5):
+    """stl10_binary/*.bin: uint8, each image as 3 planes stored column-major; labels 1..10 one byte each."""
+    d = Path(root) / "stl10_binary"; d.mkdir(parents=True)
+    out = {}
+    for split, n in [("train", n_train), ("test", n_test), ("unlabeled", n_unl)]:
+        imgs = _rand_images(n, 96, 96, seed=len(split))
+        (d / f"{split}_X.bin").write_bytes(imgs.numpy().transpose(0, 1, 3, 2).tobytes())  # (C,W,H) = column-major
+        labels = (torch.arange(n) * 3) % 10                                                    # 0-based truth
+        if split != "unlabeled": (d / f"{split}_y.bin").write_bytes((labels + 1).numpy().astype(np.uint8).tobytes())
+        out[split] = (imgs, labels)
+    folds = [" ".join(str((k + j) % n_train) for j in range(4)) for k in range(10)]
+    (d / "fold_indices.txt").write_text("\n".join(folds) + "\n")
+    (d / "class_names.txt").write_text("\n".join(["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]) + "\n")
+    return out
+
+@pytest.fixture(scope="module")
+def stl_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stl")
+    return root, _write_stl10(root)
+
+def test_stl10_round_trip_labels_and_splits(stl_root):
+    root, truth = stl_root
+    tr = get_dataset("stl10", "train", root=root)
+    assert torch.equal(tr.images, truth["train"][0])                  # pixel exact, orientation correct
+    assert torch.equal(tr.labels, truth["train"][1])                  # 1-based -> 0-based
+    assert tr.classes[0] == "airplane" and tr.num_classes == 10 and not tr.has_masks and tr.mean == DATASET_STATS["stl10"][0]
+    te = STL10(root / "stl10_binary", "test")                        # pointing at the official folder works too
+    assert len(te) == 6 and torch.equal(te.images, truth["test"][0]) and torch.equal(te.labels, truth["test"][1])
+    un = STL10(root, "unlabeled")
+    assert len(un) == 5 and (un.labels == -1).all() and torch.equal(un.images, truth["unlabeled"][0])
+    both = STL10(root, "train+unlabeled")
+    assert len(both) == 17 and torch.equal(both.images[12:], truth["unlabeled"][0]) and (both.labels[12:] == -1).all()
+    assert torch.equal(both.labels[:12], truth["train"][1])
+
+def test_stl10_folds(stl_root):
+    root, truth = stl_root
+    for k in (0, 9):
+        f = get_dataset("stl10", "train", root=root, fold=k)
+        idx = [(k + j) % 12 for j in range(4)]
+        assert torch.equal(f.images, truth["train"][0][idx]) and torch.equal(f.labels, truth["train"][1][idx])
+    with pytest.raises(ConfigError, match="split='train'"): STL10(root, "test", fold=0)
+    with pytest.raises(ConfigError, match="0..9"): STL10(root, "train", fold=10)
+
+def test_stl10_missing_root_and_corrupt(tmp_path):
+    with pytest.raises(ConfigError) as e: get_dataset("stl10", root=tmp_path / "nowhere")
+    msg = str(e.value)
+    assert "stl10_binary/train_X.bin" in msg and "fold_indices.txt" in msg and "root=" in msg and "download=True" in msg
+    d = tmp_path / "stl10_binary"; d.mkdir()
+    (d / "train_X.bin").write_bytes(b"\0" * 1000)
+    (d / "train_y.bin").write_bytes(b"\1")
+    with pytest.raises(CorruptImageError, match="train_X.bin"): STL10(tmp_path)
+    (d / "train_X.bin").write_bytes(b"\0" * 27648)
+    (d / "train_y.bin").write_bytes(b"\x0b")                           # label 11: out of range
+    with pytest.raises(CorruptImageError, match="train_y.bin"): STL10(tmp_path)
+
+def test_archive_checksum_and_download(stl_root, tmp_path, monkeypatch):
+    root, truth = stl_root
+    arch = tmp_path / "src" / "stl10_binary.tar.gz"; arch.parent.mkdir()
+    with tarfile.open(arch, "w:gz") as t: t.add(root / "stl10_binary", arcname="stl10_binary")
+    staged = tmp_path / "staged"; staged.mkdir(); (staged / arch.name).write_bytes(arch.read_bytes())
+    with pytest.raises(ConfigError, match="verify=False"): STL10(staged)   # not the official MD5
+    assert torch.equal(STL10(staged, verify=False).images, truth["train"][0])
+    # download=True: the fetch itself is replaced by a copy (no network in tests)
+    import attnssl.datasets as D
+    calls = []
+    def fake_download(url, dest, filename):
+        calls.append(url); (Path(dest) / filename).write_bytes(arch.read_bytes())
+    monkeypatch.setattr(D, "_download", fake_download)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ConfigError, match="checksum"): STL10(fresh, download=True)
+    (fresh / arch.name).unlink()
+    ds = get_dataset("stl10", "test", root=fresh, download=True, verify=False)
+    assert calls[-1] == D.STL10_URL and torch.equal(ds.images, truth["test"][0])
+
+# ---------------------------------------------------------------- CIFAR-10/100 (python pickle batches)
+
+def _pickle_batch(path, **entries):
+    # the official files are Python 2 pickles: keys are byte strings once loaded with encoding="bytes"
+    with open(path, "wb") as f: pickle.dump({k.encode(): v for k, v in entries.items()}, f, protocol=2)
+
+def test_cifar10_round_trip(tmp_path):
+    d = tmp_path / "cifar-10-batches-py"; d.mkdir()
+    imgs = _rand_images(5 * 4 + 3, 32, 32, seed=1); labels = torch.arange(23) % 10
+    for b in range(5):
+        sl = slice(4 * b, 4 * b + 4)
+        _pickle_batch(d / f"data_batch_{b + 1}", data=imgs[sl].reshape(4, -1).numpy(), labels=labels[sl].tolist(),
+                      batch_label=b"training batch", filenames=[b"x.png"] * 4)
+    _pickle_batch(d / "test_batch", data=imgs[20:].reshape(3, -1).numpy(), labels=labels[20:].tolist())
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    _pickle_batch(d / "batches.meta", label_names=names, num_vis=3072)
+    tr, te = get_dataset("cifar10", "train", root=tmp_path), get_dataset("cifar-10", "test", root=tmp_path)
+    assert torch.equal(tr.images, imgs[:20]) and torch.equal(tr.labels, labels[:20])
+    assert torch.equal(te.images, imgs[20:]) and tr.classes[1] == "automobile" and te.num_classes == 10
+    (d / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(CorruptImageError, match="data_batch_3"): CIFAR10(tmp_path)
+    with pytest.raises(ConfigError) as e: CIFAR10(tmp_path / "missing")
+    assert "cifar-10-batches-py/data_batch_1" in str(e.value) and "download=True" in str(e.value)
+
+def test_cifar100_fine_and_coarse(tmp_path):
+    d = tmp_path / "cifar-100-python"; d.mkdir()
+    imgs = _rand_images(7, 32, 32, seed=2); fine = [99, 0, 5, 42, 7, 1, 63]; coarse = [f % 20 for f in fine]
+    _pickle_batch(d / "train", data=imgs.reshape(7, -1).numpy(), fine_labels=fine, coarse_labels=coarse)
+    _pickle_batch(d / "test", data=imgs[:2].reshape(2, -1).numpy(), fine_labels=fine[:2], coarse_labels=coarse[:2])
+    _pickle_batch(d / "meta", fine_label_names=[f"f{i}".encode() for i in range(100)],
+                  coarse_label_names=[f"c{i}".encode() for i in range(20)])
+    ds = get_dataset("cifar100", root=tmp_path)
+    assert torch.equal(ds.images, imgs) and ds.labels.tolist() == fine and ds.num_classes == 100 and ds.classes[99] == "f99"
+    assert CIFAR100(tmp_path, "train", label_type="coarse").labels.tolist() == coarse
+    assert len(CIFAR100(tmp_path, "test")) == 2
+
+# ---------------------------------------------------------------- Tiny ImageNet (files read in place)
+
+def _save_png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format="PNG")   # lossless content (PIL reads by content, not by extension)
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny"); d = root / "tiny-imagenet-200"
+    wnids = ["n0300", "n0100", "n0200"]                                   # unsorted on disk: classes are sorted
+    (d).mkdir(); (d / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (d / "words.txt").write_text("n0100\tgoldfish, Carassius auratus\nn0200\tcat\nn0300\tdog\nn9999\tother\n")
+    rng = np.random.default_rng(0); truth = {"train": [], "val": [], "test": []}
+    for w in wnids:
+        for k in range(2):
+            a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8); _save_png(d / "train" / w / "images" / f"{w}_{k}.JPEG", a)
+        (d / "train" / w / f"{w}_boxes.txt").write_text(f"{w}_0.JPEG\t0\t0\t10\t10\n")
+    ann = []
+    for k, w in enumerate(["n0200", "n0300", "n0100", "n0200"]):
+        a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8); _save_png(d / "val" / "images" / f"val_{k}.JPEG", a)
+        truth["val"].append((a, w)); ann.append(f"val_{k}.JPEG\t{w}\t1\t2\t30\t40")
+    (d / "val" / "val_annotations.txt").write_text("\n".join(ann) + "\n")
+    for k in range(3):
+        a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8); _save_png(d / "test" / "images" / f"test_{k}.JPEG", a)
+        truth["test"].append(a)
+    return root
+
+def test_tiny_imagenet_splits_and_val_annotations(tiny_root):
+    d = tiny_root / "tiny-imagenet-200"
+    tr = get_dataset("tiny-imagenet", "train", root=tiny_root)
+    assert tr.classes == ["n0100", "n0200", "n0300"] and tr.class_words[0].startswith("goldfish")
+    assert len(tr) == 6 and tr.labels.tolist() == [0, 0, 1, 1, 2, 2] and tr.num_skipped == 0
+    ref = np.array(Image.open(d / "train" / "n0200" / "images" / "n0200_1.JPEG"))
+    assert torch.equal(tr.images[3], torch.from_numpy(ref).permute(2, 0, 1))   # pixel exact, CHW
+    va = TinyImageNet(tiny_root, "val")
+    assert va.labels.tolist() == [1, 2, 0, 1]                                   # from val_annotations.txt
+    ref = np.array(Image.open(d / "val" / "images" / "val_2.JPEG"))
+    assert torch.equal(va.images[2], torch.from_numpy(ref).permute(2, 0, 1))
+    te = TinyImageNet(tiny_root, "test")
+    assert len(te) == 3 and (te.labels == -1).all() and te.num_classes == 3
+
+def test_tiny_imagenet_corrupt_and_missing(tiny_root, tmp_path):
+    import shutil
+    root = tmp_path / "t"; shutil.copytree(tiny_root, root)
+    bad = root / "tiny-imagenet-200" / "train" / "n0200" / "images" / "n0200_0.JPEG"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(CorruptImageError) as e: TinyImageNet(root, "train")
+    assert "n0200_0.JPEG" in str(e.value) and "skip_corrupt=True" in str(e.value)
+    with pytest.warns(UserWarning, match="skipped 1 corrupt"):
+        ds = TinyImageNet(root, "train", skip_corrupt=True)
+    assert len(ds) == 5 and ds.num_skipped == 1 and ds.skipped_files == [str(bad)] and ds.labels.tolist() == [0, 0, 1, 2, 2]
+    (root / "tiny-imagenet-200" / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn7777\t0\t0\t1\t1\n")
+    with pytest.raises(CorruptImageError, match="val_annotations.txt line 1"): TinyImageNet(root, "val")
+    with pytest.raises(ConfigError) as e: TinyImageNet(tmp_path / "none")
+    assert "val/val_annotations.txt" in str(e.value) and "download=True" in str(e.value)
+
+# ---------------------------------------------------------------- Fashion-MNIST (IDX, gz or raw)
+
+def _idx_bytes(arr):
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    return b"\0\0\x08" + bytes([arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+def test_fashion_mnist_gz_and_raw(tmp_path):
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), np.array([9, 0, 3, 3, 1], dtype=np.uint8)
+    xt, yt = rng.integers(0, 256, (2, 28, 28), dtype=np.uint8), np.array([4, 5], dtype=np.uint8)
+    d = tmp_path / "FashionMNIST" / "raw"; d.mkdir(parents=True)
+    (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(x)))
+    (d / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(y)))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(xt))                  # raw, directly in root
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(yt))
+    tr = get_dataset("fashion-mnist", "train", root=tmp_path)
+    assert tr.images.shape == (5, 3, 28, 28) and all(torch.equal(tr.images[:, c], torch.from_numpy(x)) for c in range(3))
+    assert tr.labels.tolist() == [9, 0, 3, 3, 1] and tr.classes[9] == "Ankle boot"
+    te = FashionMNIST(tmp_path, "test")
+    assert torch.equal(te.images[:, 1], torch.from_numpy(xt)) and te.labels.tolist() == [4, 5]
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(yt)[:-1])             # truncated
+    with pytest.raises(CorruptImageError, match="t10k-labels-idx1-ubyte"): FashionMNIST(tmp_path, "test")
+    with pytest.raises(ConfigError, match="t10k-images-idx3-ubyte.gz"): FashionMNIST(tmp_path / "no", "test")
+
+# ---------------------------------------------------------------- ImageFolder
+
+def test_image_folder_classes_resize_and_flat(tmp_path):
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    _save_png(tmp_path / "cls" / "zebra" / "a.png", a)
+    _save_png(tmp_path / "cls" / "ant" / "sub" / "b.png", rng.integers(0, 256, (40, 20, 3), dtype=np.uint8))
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(tmp_path / "cls" / "ant" / "c.jpg")
+    (tmp_path / "cls" / "notes").mkdir(); (tmp_path / "cls" / "notes" / "readme.txt").write_text("no images here")
+    ds = get_dataset("imagefolder", root=tmp_path / "cls", image_size=16)
+    assert ds.classes == ["ant", "zebra"] and ds.labels.tolist() == [0, 0, 1] and ds.images.shape == (3, 3, 16, 16)
+    assert torch.equal(ds.images[2], torch.from_numpy(a).permute(2, 0, 1))           # same size: untouched
+    assert ds.files[0].endswith("c.jpg") and (ds.images[0, 0] == ds.images[0, 1]).all()  # grey -> 3 equal channels
+    # flat folder -> unlabeled
+    for k in range(3): _save_png(tmp_path / "flat" / f"{k}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    flat = ImageFolder(tmp_path / "flat", image_size=8)
+    assert len(flat) == 3 and (flat.labels == -1).all() and flat.classes == [] and flat.num_classes == 0
+    # split selects root/<split> when it exists
+    _save_png(tmp_path / "splits" / "val" / "k" / "x.png", a)
+    assert len(get_dataset("imagefolder", "val", root=tmp_path / "splits", image_size=8)) == 1
+    with pytest.raises(ConfigError, match="root="): get_dataset("imagefolder", root=tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no images"): ImageFolder(tmp_path / "empty")
+
+def test_image_folder_corrupt_and_lazy(tmp_path):
+    rng = np.random.default_rng(3)
+    for k in range(4): _save_png(tmp_path / ("a" if k < 2 else "b") / f"{k}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(CorruptImageError, match="broken.png"): ImageFolder(tmp_path, image_size=8)
+    with pytest.warns(UserWarning, match="skipped 1"):
+        ds = get_dataset("imagefolder", root=tmp_path, image_size=8, skip_corrupt=True)
+    assert len(ds) == 4 and ds.num_skipped == 1
+    lazy = get_dataset("imagefolder", root=tmp_path, image_size=8, lazy=True)
+    assert isinstance(lazy, LazyImageFolder) and len(lazy) == 5 and lazy.num_classes == 2
+    with pytest.raises(CorruptImageError, match="broken.png"): lazy[4]
+    good = LazyImageFolder(tmp_path / "a", image_size=8)       # flat folder of 2 images, through a DataLoader
+    batches = list(make_loader(good, 2, seed=0))
+    assert len(batches) == 1 and batches[0]["image"].shape == (2, 3, 8, 8) and (batches[0]["label"] == -1).all()
+    assert torch.equal(batches[0]["image"][0], good[int(batches[0]["index"][0])]["image"])
