@@ -214,7 +214,7 @@ def test_dino_centre_multicrop_and_temperature():
     out["loss"].backward()
     assert m.head.last_v.grad is not None and m.head.last_g.grad is None     # norm of the last layer fixed
     assert m.current_teacher_temp() == pytest.approx(0.02)
-    m.on_step_end(5, 100)
+    m.on_step_end(4, 100)                                      # the 5th step (0-based index 4) is done
     assert torch.allclose(m.center, 0.1 * t.mean(0, keepdim=True), atol=1e-6)
     assert int(m.step) == 5 and m.current_teacher_temp() == pytest.approx(0.04)
     m.on_step_end(50, 100)
