@@ -10,7 +10,8 @@ carry the foreground mask through the geometry, and produce two views per image 
       `--workers` worker processes, collated, then moved to the device.
 
 Throughput is images per second (each image yields two views), timed over whole passes through the data
-after a warm-up pass. Example:
+after a warm-up (a whole pass for (a); worker start-up and two batches for (b), whose
+workers persist). Example:
 
     python benchmarks/augment_throughput.py --images 2048 --size 32 96 --workers 0 2 --device auto
 """
@@ -52,9 +53,9 @@ def torchvision_pipeline(size: int, blur: bool):
     return v2.Compose(ops)
 
 
-def time_passes(one_pass, device, repeats: int) -> float:
-    "Warm-up pass, then `repeats` timed passes; returns the median seconds per pass."
-    one_pass(); sync(device)
+def time_passes(one_pass, device, repeats: int, warmup=None) -> float:
+    "Warm-up (`warmup()` or one pass), then `repeats` timed passes; returns the median seconds per pass."
+    (warmup or one_pass)(); sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter(); one_pass(); sync(device); times.append(time.perf_counter() - t0)
@@ -81,11 +82,13 @@ def bench_torchvision(ds, size, batch_size, workers, device, blur, repeats):
                         shuffle=True, drop_last=True, num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=device.type == "cuda")
 
-    def one_pass():
-        for v1, m1, v2, m2 in loader:
+    def one_pass(max_batches=None):
+        for i, (v1, m1, v2, m2) in enumerate(loader):
             v1, m1 = v1.to(device, non_blocking=True), m1.to(device, non_blocking=True)
             v2, m2 = v2.to(device, non_blocking=True), m2.to(device, non_blocking=True)
-    rate = len(loader) * batch_size / time_passes(one_pass, device, repeats)
+            if max_batches is not None and i + 1 >= max_batches: break
+    # warm-up: start the (persistent) workers and run two batches, not a whole pass
+    rate = len(loader) * batch_size / time_passes(one_pass, device, repeats, warmup=lambda: one_pass(2))
     del loader
     return rate
 
