@@ -260,3 +260,27 @@ def test_build_method_errors_and_hparams():
     m = build_method("simclr", backbone(), proj_dim=32, temperature=0.2)
     assert isinstance(m, SimCLR) and m.projector[-1].out_features == 32 and m.temperature == 0.2
     assert m.projector[0].out_features == m.backbone.out_dim   # hidden width scales with the backbone
+
+
+def _ddp_worker():
+    "On each of 2 gloo ranks: one MoCo step and one memory-bank step with rank-specific data."
+    from attnssl.distributed import rank
+    torch.manual_seed(0)                                        # identical initial networks, queue and bank
+    moco = MoCoV2(build_backbone("resnet18", width=4), queue_size=64)
+    bank = MemoryBank(build_backbone("resnet18", width=4), num_samples=32, num_negatives=4)
+    torch.manual_seed(100 + rank())
+    views = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    out = moco(views, {}, target=1); moco.on_step_end(0, 10)
+    bank(views, {"index": torch.arange(4) + 4 * rank()}, target=1); bank.on_step_end(0, 10)
+    return {"queue": moco.queue.clone(), "ptr": int(moco.queue_ptr), "bank": bank.bank.clone(),
+            "key": F.normalize(out["z"][1].detach(), dim=1)}
+
+
+def test_queue_and_bank_gathered_across_ranks():
+    from attnssl.distributed import launch_local
+    method = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
+    r0, r1 = launch_local(_ddp_worker, world_size=2, start_method=method)
+    assert r0["ptr"] == r1["ptr"] == 8                          # both ranks' keys went into both queues
+    assert torch.equal(r0["queue"], r1["queue"])
+    assert torch.allclose(r0["queue"][:8], torch.cat([r0["key"], r1["key"]]), atol=1e-6)
+    assert torch.equal(r0["bank"], r1["bank"])                  # rows 0-3 from rank 0, 4-7 from rank 1
