@@ -320,3 +320,21 @@ def test_normalize():
     assert norm.state_dict() == {}                        # constants are not checkpoint state
     with pytest.raises(ConfigError): Normalize((0.5, 0.5), (0.2, 0.2, 0.2))
     with pytest.raises(ConfigError): Normalize((0.5,), (0.0,))
+
+
+def test_colour_ops_match_torchvision_semantics():
+    "Per-sample factors and order reproduce torchvision's functional colour ops on each image."
+    from torchvision.transforms.v2 import functional as F
+    from attnssl.augment import color_jitter, grayscale
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 12, 12)
+    fac = torch.tensor([[1.3, 0.7, 1.5, 0.1], [0.6, 1.4, 0.3, -0.2]] * 3)
+    order = torch.stack([torch.randperm(4) for _ in range(6)])
+    ops = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue]
+    ref = []
+    for xi, f, o in zip(x, fac, order):
+        for k in o.tolist(): xi = ops[k](xi, f[k].item())
+        ref.append(xi)
+    assert torch.allclose(color_jitter(x, fac, order), torch.stack(ref), atol=1e-4)
+    # luma weights: kornia 0.299, torchvision 0.2989 for red
+    assert torch.allclose(grayscale(x), F.rgb_to_grayscale(x, num_output_channels=3), atol=5e-4)
