@@ -343,3 +343,24 @@ def test_image_folder_corrupt_and_lazy(tmp_path):
     batches = list(make_loader(good, 2, seed=0))
     assert len(batches) == 1 and batches[0]["image"].shape == (2, 3, 8, 8) and (batches[0]["label"] == -1).all()
     assert torch.equal(batches[0]["image"][0], good[int(batches[0]["index"][0])]["image"])
+
+def test_subset_keeps_boxes_and_to_device():
+    from attnssl.synthetic import ClutterShapes
+    ds = ClutterShapes("test", num_images=10, seed=0, cache=False)
+    sub = ds.subset([4, 2])
+    assert torch.equal(sub.boxes, ds.boxes[[4, 2]]) and torch.equal(sub.masks, ds.masks[[4, 2]]) and sub.mean == ds.mean
+    moved = TensorDataset(ds.images.clone(), ds.labels.clone()).to("cpu")
+    assert moved.get_batch(torch.tensor([1]))["image"].device.type == "cpu"
+
+def test_decode_images_threads_same_result(tmp_path):
+    from attnssl.datasets import decode_images
+    rng = np.random.default_rng(5); paths = []
+    for k in range(70):
+        p = tmp_path / f"{k}.png"; _save_png(p, rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)); paths.append(p)
+    (tmp_path / "bad.png").write_bytes(b"nope"); paths.insert(10, tmp_path / "bad.png")
+    with pytest.warns(UserWarning):
+        a, ka, sa = decode_images(paths, 6, skip_corrupt=True, num_threads=1)
+    with pytest.warns(UserWarning):
+        b, kb, sb = decode_images(paths, 6, skip_corrupt=True, num_threads=3)
+    assert torch.equal(a, b) and ka == kb and len(ka) == 70 and 10 not in ka and sa == sb == [str(tmp_path / "bad.png")]
+    with pytest.raises(CorruptImageError, match="bad.png"): decode_images(paths, 6, num_threads=3)
