@@ -284,3 +284,14 @@ def test_queue_and_bank_gathered_across_ranks():
     assert torch.equal(r0["queue"], r1["queue"])
     assert torch.allclose(r0["queue"][:8], torch.cat([r0["key"], r1["key"]]), atol=1e-6)
     assert torch.equal(r0["bank"], r1["bank"])                  # rows 0-3 from rank 0, 4-7 from rank 1
+
+
+def test_dino_freeze_last_layer_steps():
+    torch.manual_seed(0)
+    m = DINO(backbone(), out_dim=16, hidden_dim=8, bottleneck_dim=4, freeze_last_layer_steps=2)
+    views, batch = views_batch()
+    m(views, batch)["loss"].backward()
+    assert m.head.last_v.grad is None and m.head.mlp[0].weight.grad is not None
+    m.on_step_end(0, 10); m.on_step_end(1, 10)                 # two steps done: the layer trains from now on
+    m(views, batch)["loss"].backward()
+    assert m.head.last_v.grad is not None
