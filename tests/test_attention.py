@@ -327,6 +327,7 @@ def test_dino_vit_source_trains_once_then_loads_from_cache(monkeypatch, tmp_path
     again = build_attention_source("dino_vit", dataset=data, config=cfg, device="cpu", block=0)  # loaded, not trained
     assert torch.allclose(again.maps(x), src.maps(x), atol=1e-6)
     assert DinoViTConfig(**cfg).key(data) != DinoViTConfig(**{**cfg, "epochs": 2}).key(data)
+    assert DinoViTConfig(**cfg).key(data) == DinoViTConfig(**{**cfg, "epochs": 1.0, "global_scale": [0.4, 1]}).key(data)
     other = TensorDataset(toy.images.flip(0), torch.zeros(16, dtype=torch.long), classes=["x"])
     assert dataset_fingerprint(other) != dataset_fingerprint(data)
     with pytest.raises(ConfigError, match="DinoViTConfig"): dino_vit_source(data, {"epoch": 1})
