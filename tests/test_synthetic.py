@@ -5,10 +5,10 @@ import torch
 
 from attnssl.core import ConfigError
 from attnssl.datasets import get_dataset, make_loader
-from attnssl.synthetic import (CLASSES, ClutterShapes, clutter_cache_path, generate_clutter, masks_to_boxes,
+from attnssl.synthetic import (CHUNK, CLASSES, ClutterShapes, clutter_cache_path, generate_clutter, masks_to_boxes,
                                render_shapes, shape_sdf, unit_areas)
 
-N = 250  # one generation chunk: every chunk costs the same, so tests reuse few
+N = CHUNK  # one generation chunk: every chunk costs the same, so tests reuse few
 
 @pytest.fixture(scope="module")
 def train():
@@ -28,14 +28,14 @@ def test_contract_attributes(train):
     assert torch.equal(b["mask"], train.masks[[7, 2]]) and b["index"].tolist() == [7, 2]
 
 def test_deterministic_for_seed_and_prefix_stable(train):
-    a = generate_clutter(260, seed=3)            # crosses a chunk boundary
+    a = generate_clutter(N + 10, seed=3)         # crosses a chunk boundary
     for k, v in [("images", train.images), ("masks", train.masks), ("labels", train.labels), ("boxes", train.boxes)]:
         assert torch.equal(a[k][:N], v)           # same seed -> same data; first n independent of how many
     b = generate_clutter(20, seed=4)
     assert not torch.equal(b["images"], a["images"][:20])
 
 def test_splits_disjoint(train):
-    te = generate_clutter(250, seed=3, split="test")
+    te = generate_clutter(N, seed=3, split="test")
     seen = {bytes(x.numpy()) for x in train.images}
     assert not any(bytes(x.numpy()) in seen for x in te["images"])
 
@@ -72,7 +72,7 @@ def test_object_area_in_range(train):
 
 def test_labels_balanced(train):
     counts = torch.bincount(train.labels, minlength=10)
-    assert counts.tolist() == [25] * 10                      # 25 per class per chunk of 250
+    assert counts.tolist() == [N // 10] * 10                 # exactly balanced within a chunk
     assert 1 <= torch.bincount(train.labels[:50], minlength=10).min()  # shuffled within a chunk
 
 def test_mask_matches_rendered_object():
