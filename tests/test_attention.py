@@ -331,3 +331,14 @@ def test_dino_vit_source_trains_once_then_loads_from_cache(monkeypatch, tmp_path
     other = TensorDataset(toy.images.flip(0), torch.zeros(16, dtype=torch.long), classes=["x"])
     assert dataset_fingerprint(other) != dataset_fingerprint(data)
     with pytest.raises(ConfigError, match="DinoViTConfig"): dino_vit_source(data, {"epoch": 1})
+
+
+def test_minmax_normalisation_option():
+    raw = torch.tensor([[1.0, 1.05], [1.1, 1.2]])[None, None]
+    assert torch.equal(postprocess(raw), torch.ones_like(raw))                   # a/max with s=2 saturates a flat map
+    m = postprocess(raw, s=1, norm="minmax")
+    assert torch.allclose(m.flatten(), torch.tensor([0.0, 0.25, 0.5, 1.0]))
+    assert torch.equal(postprocess(torch.full((1, 1, 2, 2), 3.0), norm="minmax"), torch.ones(1, 1, 2, 2))
+    assert torch.allclose(soft_mask(raw, 1, 1, 0, norm="minmax"), m)
+    assert map_diagnostics(raw, norm="minmax")["kept"] < map_diagnostics(raw)["kept"]
+    with pytest.raises(ConfigError, match="minmax"): postprocess(raw, norm="median")
