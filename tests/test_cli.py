@@ -1,0 +1,129 @@
+"""`attnssl reproduce`: argument parsing, validation errors that list the valid choices, the papermill runner
+(outputs, executed notebooks, meta, index, skip when up to date, failures), and one real smoke run."""
+import json, os
+from pathlib import Path
+import nbformat
+import pytest
+from attnssl import cli
+from attnssl.core import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_BODY = """
+from pathlib import Path
+import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+from attnssl import reports as rp
+if value < 0: raise ValueError("negative value")
+out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+rows = [{"arm": "a", "seed": s, "x": value + s} for s in range(seeds)]
+rp.write_table(rp.summarize(rows, metrics=["x"], cost=False), out, "T_" + tag)
+fig, ax = plt.subplots(); ax.plot([0, value]); rp.save_figure(fig, out, "F_" + tag)
+"""
+
+def fake_template(folder: Path, name: str, extra_params: str = ""):
+    i = name.split("_")[0]
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
+    p = nbformat.v4.new_code_cell(f'out_dir = "reports/{i}"\nseeds = 1\nvalue = 1.0\ntag = "{i}"\n{extra_params}')
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# {i} — fake experiment"), p, nbformat.v4.new_code_cell(FAKE_BODY)]
+    nbformat.write(nb, folder/f"{name}.ipynb")
+
+PROFILES = """
+smoke: {description: fake, defaults: {}}
+big:
+  description: more
+  defaults: {value: 2.0}
+  E2: {seeds: 2}
+bigger:
+  extends: big
+  defaults: {width: 3}
+  A1: {value: 5.0}
+"""
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    folder = tmp_path/"templates"; folder.mkdir()
+    fake_template(folder, "E2_fake_table"); fake_template(folder, "A1_fake_ablation", "width = 1")
+    (folder/"profiles.yaml").write_text(PROFILES)
+    monkeypatch.setenv("ATTNSSL_TEMPLATES", str(folder))
+    monkeypatch.setattr(cli, "git_commit", lambda *a: "abc1234")
+    return folder
+
+def test_parser():
+    a = cli.build_parser().parse_args(["reproduce", "--profile", "smoke", "--only", "E2", "A1", "--seeds", "3",
+                                       "--data-root", "/d", "--out", "o", "--set", "epochs=2", "device=cpu"])
+    assert (a.profile, a.only, a.seeds, a.data_root, a.out) == ("smoke", ["E2", "A1"], 3, "/d", "o")
+    assert cli._parse_set(a.set_params) == {"epochs": 2, "device": "cpu"}
+    assert cli.build_parser().parse_args(["reproduce"]).profile == "small"
+    with pytest.raises(SystemExit): cli.build_parser().parse_args(["reproduce", "--seeds", "two"])
+    with pytest.raises(ConfigError): cli._parse_set(["epochs"])
+
+def test_templates_and_profiles(fake):
+    assert list(cli.list_templates()) == ["E2", "A1"]
+    assert cli.template_parameters(fake/"A1_fake_ablation.ipynb") == {"out_dir": "reports/A1", "seeds": 1, "value": 1.0, "tag": "A1", "width": 1}
+    assert cli.profile_parameters("big") == {"E2": {"value": 2.0, "seeds": 2}, "A1": {"value": 2.0}}
+    assert cli.profile_parameters("bigger") == {"E2": {"value": 2.0, "seeds": 2}, "A1": {"value": 5.0, "width": 3}}
+
+def test_errors_list_valid_choices(fake, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="valid profiles are: smoke, big, bigger"): cli.plan("nope")
+    with pytest.raises(ConfigError, match="valid experiment ids are: A1, E2"): cli.plan("smoke", only=["E9"])
+    with pytest.raises(ConfigError, match="valid parameters are"): cli.plan("smoke", set_params={"valeu": 1})
+    (fake/"profiles.yaml").write_text("p: {E2: {epochs: 3}}\n")
+    with pytest.raises(ConfigError, match=r"profile 'p', E2: unknown parameter 'epochs'; valid parameters are: out_dir, seeds, tag, value"):
+        cli.plan("p")
+    (fake/"profiles.yaml").write_text("p: {defaults: {nothing: 1}}\n")
+    with pytest.raises(ConfigError, match="unknown parameter 'nothing'"): cli.plan("p")
+    (fake/"profiles.yaml").write_text("p: {E7: {}}\n")
+    with pytest.raises(ConfigError, match="unknown key 'E7'"): cli.plan("p")
+    assert cli.main(["reproduce", "--profile", "nope", "--out", str(tmp_path/"o")]) == 2
+    assert "valid profiles are" in capsys.readouterr().err
+
+def test_two_parameter_cells_rejected(fake):
+    nb = nbformat.read(fake/"E2_fake_table.ipynb", 4)
+    c = nbformat.v4.new_code_cell("x = 1"); c.metadata["tags"] = ["parameters"]; nb.cells.append(c)
+    nbformat.write(nb, fake/"E2_fake_table.ipynb")
+    with pytest.raises(ConfigError, match="exactly one"): cli.plan("smoke")
+
+def test_plan_passes_out_seeds_data_root(fake, tmp_path):
+    p = cli.plan("big", seeds=4, data_root="data", out=tmp_path/"r", set_params={"width": 7})
+    assert p["E2"] == {"value": 2.0, "seeds": 4, "out_dir": str((tmp_path/"r"/"E2").resolve())}
+    assert p["A1"]["width"] == 7 and "width" not in p["E2"]
+
+def test_reproduce_runs_indexes_and_skips(fake, tmp_path):
+    out, lines = tmp_path/"reports", []
+    res = cli.reproduce("big", out=out, log=lines.append)
+    assert res["failed"] == [] and (out/"E2"/"T_E2.md").exists() and (out/"A1"/"F_A1.png").exists()
+    assert "2.5 ± 0.7" in (out/"E2"/"T_E2.md").read_text()            # value 2.0, seeds 2
+    assert (out/"E2"/"E2_fake_table.ipynb").exists()                   # the executed notebook
+    meta = json.loads((out/"E2"/"meta.json").read_text())
+    assert meta["status"] == "ok" and meta["profile"] == "big" and meta["commit"] == "abc1234" and meta["parameters"]["seeds"] == 2
+    idx = (out/"README.md").read_text()
+    for s in ["E2/T_E2.csv", "![E2 F_E2](E2/F_E2.png)", "![A1 F_A1](A1/F_A1.png)", "### T_A1", "| profile | big |"]: assert s in idx
+    assert any("E2 — fake experiment: ok in" in l for l in lines)
+    lines.clear(); cli.reproduce("big", out=out, log=lines.append)
+    assert sum("up to date" in l for l in lines) == 2                  # same template, parameters, commit
+    lines.clear(); cli.reproduce("big", only=["E2"], seeds=3, out=out, log=lines.append)
+    assert not any("up to date" in l for l in lines) and "3.0 ± 1.0" in (out/"E2"/"T_E2.md").read_text()
+
+def test_failure_is_recorded_and_raised(fake, tmp_path, capsys):
+    out = tmp_path/"reports"
+    # main() returns 1 because reproduce() raises RuntimeError after writing meta and index
+    assert cli.main(["reproduce", "--profile", "smoke", "--only", "E2", "--out", str(out), "--set", "value=-1"]) == 1
+    assert "experiments failed: E2" in capsys.readouterr().err
+    meta = json.loads((out/"E2"/"meta.json").read_text())
+    assert meta["status"] == "failed" and "negative value" in meta["error"]
+    assert "**failed**" in (out/"README.md").read_text()
+
+@pytest.mark.skipif(not (ROOT/"nbs"/"experiments"/"E9_positive_similarity.ipynb").exists(), reason="no E9 template")
+def test_smoke_end_to_end(tmp_path, monkeypatch):
+    "The real E9 template on the smoke profile (ground-truth attention, so no ViT is trained)."
+    monkeypatch.delenv("ATTNSSL_TEMPLATES", raising=False)
+    out = tmp_path/"reports"
+    res = cli.reproduce(profile="smoke", only=["E9"], out=out, runs_root=tmp_path/"runs",
+                        set_params={"attn_source": "ground_truth"}, log=None)
+    assert res["failed"] == []
+    assert (out/"E9"/"E9_positive_cosine.png").exists() and (out/"E9"/"E9_similarity.csv").exists()
+    idx = (out/"README.md").read_text()
+    assert "E9/E9_positive_cosine.png" in idx and "random crop" in idx and "attention + align" in idx
+    assert len([p for p in (tmp_path/"runs").iterdir() if (p/"result.json").exists()]) == 3
