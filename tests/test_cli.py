@@ -47,6 +47,7 @@ def fake(tmp_path, monkeypatch):
     fake_template(folder, "E2_fake_table"); fake_template(folder, "A1_fake_ablation", "width = 1")
     (folder/"profiles.yaml").write_text(PROFILES)
     monkeypatch.setenv("ATTNSSL_TEMPLATES", str(folder))
+    monkeypatch.setenv("ATTNSSL_THREADS", "1")
     monkeypatch.setattr(cli, "git_commit", lambda *a: "abc1234")
     return folder
 
@@ -121,7 +122,7 @@ def test_smoke_end_to_end(tmp_path, monkeypatch):
     monkeypatch.delenv("ATTNSSL_TEMPLATES", raising=False)
     out = tmp_path/"reports"
     res = cli.reproduce(profile="smoke", only=["E9"], out=out, runs_root=tmp_path/"runs",
-                        set_params={"attn_source": "ground_truth"}, log=None)
+                        set_params={"attn_source": "ground_truth"}, log=None, threads=1)
     assert res["failed"] == []
     assert (out/"E9"/"E9_positive_cosine.png").exists() and (out/"E9"/"E9_similarity.csv").exists()
     idx = (out/"README.md").read_text()
