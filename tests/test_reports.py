@@ -60,3 +60,9 @@ def test_index_lists_every_table_and_figure(tmp_path):
     assert idx.index("## E2") < idx.index("## E3") < idx.index("## E10") < idx.index("## A1")
     assert "**failed**: boom" in idx and "notes" not in idx and "| profile | smoke |" in idx
     assert not list(tmp_path.rglob("*.tmp"))
+
+def test_pivot_cost_per_line():
+    g = [{"m": "simclr", "v": v, "acc": 1.0, "cost": {"wall_s": w, "peak_cpu_mb": 100, "peak_gpu_mb": None, "device": "CPU"}}
+         for v, w in [("R", 10), ("A", 30)]]
+    t = pivot(g, "m", "v", "acc")
+    assert t.columns == ["m", "R", "A", "time / run", "peak mem (CPU)", "device"] and t.rows[0]["time / run"] == "20 s"
