@@ -72,7 +72,7 @@ def toy_data(n=64, seed=0, C=4):
 
 
 def cfg(out_dir, **kw):
-    base = dict(epochs=3, batch_size=16, lr=0.1, optimizer="lars", warmup_epochs=1, out_dir=str(out_dir), device="cpu",
+    base = dict(epochs=3, batch_size=16, lr=0.1, optimizer="lars", warmup_epochs=1, out_dir=str(out_dir) if out_dir else None, device="cpu",
                 progress=False, knn_k=10, seed=0)
     return TrainConfig(**{**base, **kw})
 
