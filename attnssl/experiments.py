@@ -22,7 +22,7 @@ __all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATAS
            'config_key', 'repo_root', 'runs_root', 'run_dir', 'RunLocked', 'lock_is_stale', 'run_lock', 'load_result',
            'cached_run', 'build_datasets', 'build_backbone_from', 'load_encoder', 'load_metrics', 'pretrain',
            'build_attention_source', 'build_view_generator', 'evaluate_encoder', 'run_pretrain', 'dataset_section',
-           'make_config', 'vit_source', 'attention_views', 'run_grid', 'finetune_run']
+           'make_config', 'vit_source', 'attention_views', 'run_grid', 'finetune_run', 'source_maps', 'curves']
 
 # %% ../nbs/13_experiments.ipynb #dc0ed44f
 SECTIONS = ("dataset", "backbone", "method", "views", "align", "train", "eval", "seed")
@@ -432,3 +432,24 @@ def finetune_run(pretrain_result: dict, label_fraction: float, seed: int = 0, ro
         out = finetune(enc, sets["train"], sets["test"], label_fraction, seed=seed, device=device, **kw)
         return {"top1": float(out["top1"]), "num_labelled": int(out.get("num_labelled", 0)), "device": str(device)}
     return cached_run(cfg, fn, root=root, kind="finetune")
+
+# %% ../nbs/13_experiments.ipynb #0d84d777
+def source_maps(spec: dict, cfg: dict, dataset, n: int | None = 64, device=None) -> dict:
+    "Raw maps of attention source `spec` on the first `n` images of `dataset`: dict(images uint8, masks|None, maps)."
+    from attnssl import attention as A
+    device = get_device(device or cfg.get("runtime", {}).get("device", "auto"))
+    src = build_attention_source(spec, cfg, device)
+    imgs, masks, maps, count = [], [], [], 0
+    for batch, m in A.iter_source_maps(dataset, src, batch_size=min(256, n or 256), device=device):
+        imgs.append(batch["image"].cpu()); maps.append(m.cpu()); count += len(m)
+        if batch.get("mask") is not None: masks.append(batch["mask"].cpu())
+        if n is not None and count >= n: break
+    cut = lambda t: t[:n] if n is not None else t
+    imgs, maps, masks = cut(torch.cat(imgs)), cut(torch.cat(maps)), cut(torch.cat(masks)) if masks else None
+    return {"images": imgs, "masks": masks, "maps": maps, "source": src}
+
+def curves(rows: list[dict]) -> dict[str, list[list[dict]]]:
+    "`{arm: [per-epoch metrics of each seed]}` from `run_grid` rows (for `reports.plot_curves`)."
+    out: dict[str, list] = {}
+    for r in rows: out.setdefault(r["arm"], []).append(load_metrics(r["result"]))
+    return out
