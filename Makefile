@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 # e.g. make test TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PROFILE ?= small
+# Two templates at a time, one thread each: small CPU models use a second core poorly inside one process.
+JOBS ?= 2
 STAMP := $(VENV)/.installed
 
 .PHONY: install test reports export clean-nbs
@@ -28,7 +30,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup
 
 reports: $(STAMP)
-	$(VENV)/bin/attnssl reproduce --profile $(PROFILE)
+	$(VENV)/bin/attnssl reproduce --profile $(PROFILE) --jobs $(JOBS)
 
 # Developer helpers: notebooks are the source of truth; attnssl/ is generated.
 export: $(STAMP)

@@ -18,8 +18,8 @@ from .reports import read_meta, write_index, write_meta
 
 # %% auto #0
 __all__ = ['TEMPLATE_RE', 'PROFILE_KEYS', 'templates_dir', 'list_templates', 'parameter_cells', 'template_parameters',
-           'template_title', 'profiles_path', 'load_profiles', 'profile_parameters', 'plan', 'reproduce',
-           'build_parser', 'main']
+           'template_title', 'profiles_path', 'load_profiles', 'profile_parameters', 'plan', 'execute_template',
+           'reproduce', 'build_parser', 'main']
 
 # %% ../nbs/15_cli.ipynb #49209098
 TEMPLATE_RE = re.compile(r"^([EA]\d+)_[A-Za-z0-9_]+\.ipynb$")
@@ -148,47 +148,72 @@ def plan(profile: str = "small", only: Sequence[str] | None = None, seeds: int |
         _check(set_params, sorted(used), "parameter", "--set")
     return result
 
+def execute_template(nb: str | os.PathLike, out_dir: str | os.PathLike, params: dict, meta: dict,
+                     runs_root: str | None = None, threads: int | None = None) -> dict:
+    """Execute one template with papermill into `out_dir`, write its `meta.json` (`meta` plus status, error,
+    elapsed_s, date) and return it. A failure is recorded, not raised. Runs in a worker process when `jobs > 1`."""
+    import papermill as pm
+    nb, d = Path(nb), Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    t0, status, error = time.time(), "ok", None
+    try:
+        with _env(ATTNSSL_RUNS=str(Path(runs_root).expanduser().resolve()) if runs_root else None,
+                  OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads):
+            pm.execute_notebook(str(nb), str(d/nb.name), parameters=params, kernel_name="python3",
+                                progress_bar=False, cwd=str(d), log_output=False)
+    except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
+        status, error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    meta = {**meta, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "elapsed_s": round(time.time() - t0, 1), "status": status, "error": error}
+    write_meta(d, **meta)
+    return meta
+
 def reproduce(profile: str = "small", only: Sequence[str] | None = None, seeds: int | None = None,
               data_root: str | None = None, out: str | os.PathLike = "reports", runs_root: str | None = None,
               force: bool = False, set_params: dict | None = None, log: Callable[[str], Any] | None = print,
-              strict: bool = True, threads: int | None = None) -> dict:
-    "Run the experiment templates with `profile`'s parameters and write `<out>/README.md`; returns a summary."
-    import papermill as pm
+              strict: bool = True, threads: int | None = None, jobs: int = 1) -> dict:
+    """Run the experiment templates with `profile`'s parameters and write `<out>/README.md`; returns a summary.
+    `jobs` templates run at once, each in its own process with `threads` CPU threads (default: cores / jobs)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing
     log = log or (lambda s: None)
+    if jobs < 1: raise ConfigError(f"jobs must be at least 1, got {jobs}")
     threads = threads or (int(os.environ["ATTNSSL_THREADS"]) if os.environ.get("ATTNSSL_THREADS") else None)
+    if threads is None and jobs > 1: threads = max(1, (os.cpu_count() or 1) // jobs)
     todo = plan(profile, only, seeds, data_root, out, set_params)
     templates, out = list_templates(), Path(out).expanduser().resolve()
     commit, hw = git_commit(repo_root()), hardware_info()
-    summary, t_all = {}, time.time()
-    log(f"attnssl reproduce: profile {profile!r}, {len(todo)} experiment(s) -> {out}")
-    for n, (i, params) in enumerate(todo.items(), 1):
-        nb, d = templates[i], out/i
+    summary, work, t_all = {}, [], time.time()
+    log(f"attnssl reproduce: profile {profile!r}, {len(todo)} experiment(s), {jobs} at a time -> {out}")
+    for i, params in todo.items():
+        nb = templates[i]
         fp = _fingerprint(nb, params, commit)
-        old = read_meta(d)
+        old = read_meta(out/i)
         if not force and old.get("fingerprint") == fp and old.get("status") == "ok" and "+dirty" not in commit:
-            log(f"[{n}/{len(todo)}] {i}: up to date (profile {profile}, commit {commit}), skipped")
+            log(f"{i}: up to date (profile {profile}, commit {commit}), skipped")
             summary[i] = {**old, "skipped": True}; continue
-        d.mkdir(parents=True, exist_ok=True)
-        t0, status, error = time.time(), "ok", None
-        try:
-            with _env(ATTNSSL_RUNS=str(Path(runs_root).expanduser().resolve()) if runs_root else None,
-                      OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads):
-                pm.execute_notebook(str(nb), str(d/nb.name), parameters=params, kernel_name="python3",
-                                    progress_bar=False, cwd=str(d), log_output=False)
-        except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
-            status, error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-        elapsed = time.time() - t0
         meta = {"id": i, "title": template_title(nb), "profile": profile, "parameters": params, "commit": commit,
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "elapsed_s": round(elapsed, 1),
-                "status": status, "error": error, "notebook": nb.name, "fingerprint": fp,
+                "notebook": nb.name, "fingerprint": fp,
                 "dataset": params.get("dataset", template_parameters(nb).get("dataset", "clutter")),
-                "seeds": params.get("seeds", template_parameters(nb).get("seeds")), "device": hw["device"]}
-        write_meta(d, **meta); summary[i] = meta
-        log(f"[{n}/{len(todo)}] {meta['title']}: {status} in {elapsed:.1f}s" + (f" — {error}" if error else ""))
+                "seeds": params.get("seeds", template_parameters(nb).get("seeds")), "device": hw["device"],
+                "threads": threads, "jobs": jobs}
+        work.append((str(nb), str(out/i), params, meta, runs_root, threads))
+    def done(m):
+        summary[m["id"]] = m
+        log(f"[{len(summary)}/{len(todo)}] {m['title']}: {m['status']} in {m['elapsed_s']:.1f}s"
+            + (f" — {m['error']}" if m["error"] else ""))
+    if jobs == 1 or len(work) <= 1:
+        for w in work: done(execute_template(*w))
+    else:  # fresh interpreters: the kernels' thread settings and the run locks stay per process
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for f in as_completed([pool.submit(execute_template, *w) for w in work]): done(f.result())
+    summary = {i: summary[i] for i in todo}
     header = {"profile": profile, "datasets": ", ".join(sorted({str(read_meta(out/i).get('dataset', '?')) for i in todo})),
               "hardware": hw["device"] + f" · torch {hw['torch']} · python {hw['python']}", "commit": commit,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": "attnssl reproduce --profile " + profile + (" --only " + " ".join(only) if only else "")}
+              "command": "attnssl reproduce --profile " + profile + (" --only " + " ".join(only) if only else "")
+                         + (f" --jobs {jobs}" if jobs > 1 else ""),
+              "wall time": f"{time.time() - t_all:.0f} s"}
     index = write_index(out, header)
     failed = [i for i, m in summary.items() if m.get("status") != "ok"]
     log(f"done in {time.time() - t_all:.1f}s; index: {index}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
@@ -219,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a template parameter for every experiment that has it, e.g. --set device=cuda")
     r.add_argument("--force", action="store_true", help="re-execute templates even when their outputs are up to date")
     r.add_argument("--threads", type=int, help="CPU threads per experiment kernel (default: $ATTNSSL_THREADS or torch's "
-                   "default); 1 is fastest on a machine shared with other jobs")
+                   "default, or cores / jobs); 1 is fastest on a machine shared with other jobs")
+    r.add_argument("--jobs", type=int, default=1, help="templates run at once, each in its own process (default: 1)")
     sub.add_parser("list", help="list experiment templates and profiles")
     return p
 
@@ -232,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, p in load_profiles().items(): print(f"profile {name}: {p.get('description', '')}")
             return 0
         reproduce(profile=args.profile, only=args.only, seeds=args.seeds, data_root=args.data_root, out=args.out,
-                  runs_root=args.runs_root, force=args.force, set_params=_parse_set(args.set_params), threads=args.threads)
+                  runs_root=args.runs_root, force=args.force, set_params=_parse_set(args.set_params), threads=args.threads,
+                  jobs=args.jobs)
         return 0
     except ConfigError as e:
         print(f"attnssl: error: {e}", file=sys.stderr); return 2

@@ -107,6 +107,16 @@ def test_reproduce_runs_indexes_and_skips(fake, tmp_path):
     lines.clear(); cli.reproduce("big", only=["E2"], seeds=3, out=out, log=lines.append)
     assert not any("up to date" in l for l in lines) and "3.0 ± 1.0" in (out/"E2"/"T_E2.md").read_text()
 
+def test_jobs_run_templates_side_by_side(fake, tmp_path):
+    out = tmp_path/"reports"
+    res = cli.reproduce("big", out=out, jobs=2, log=None)
+    assert res["failed"] == [] and list(res["experiments"]) == ["E2", "A1"]        # study order, whatever finished first
+    assert "2.5 ± 0.7" in (out/"E2"/"T_E2.md").read_text() and (out/"A1"/"F_A1.png").exists()
+    meta = json.loads((out/"A1"/"meta.json").read_text())
+    assert meta["jobs"] == 2 and meta["threads"] == 1 and meta["status"] == "ok"
+    assert "--jobs 2" in (out/"README.md").read_text()
+    with pytest.raises(ConfigError, match="jobs must be at least 1"): cli.reproduce("big", out=out, jobs=0)
+
 def test_failure_is_recorded_and_raised(fake, tmp_path, capsys):
     out = tmp_path/"reports"
     # main() returns 1 because reproduce() raises RuntimeError after writing meta and index
