@@ -69,6 +69,16 @@ class Method(nn.Module):
         if target is None: return (0, 1), (0, 1), ((0, 1), (1, 0))
         return (1 - target,), (target,), ((1 - target, target),)
 
+    def _predict_and_project(self, views, online, tgt):
+        "Shared-weight siamese pass (SimSiam, NNCLR): online views get h, z, p; target-only views get h, z without grad."
+        h, z, p = {}, {}, {}
+        for i in online:
+            h[i] = self.backbone(views[i]); z[i] = self.projector(h[i]); p[i] = self.predictor(z[i])
+        with torch.no_grad():
+            for j in tgt:
+                if j not in z: h[j] = self.backbone(views[j]); z[j] = self.projector(h[j])
+        return h, z, p
+
     def _momentum(self, step: int, total_steps: int) -> float:
         if self.momentum_schedule == "cosine": return cosine_momentum(self.momentum, step, total_steps)
         return self.momentum
@@ -220,12 +230,7 @@ class SimSiam(Method):
     def forward(self, views, batch=None, target=None):
         self._check(views, target)
         online, tgt, pairs = self._branches(target)
-        h, z, p = {}, {}, {}
-        for i in online:
-            h[i] = self.backbone(views[i]); z[i] = self.projector(h[i]); p[i] = self.predictor(z[i])
-        with torch.no_grad():
-            for j in tgt:
-                if j not in z: h[j] = self.backbone(views[j]); z[j] = self.projector(h[j])
+        h, z, p = self._predict_and_project(views, online, tgt)
         loss = torch.stack([simsiam_loss(p[i], z[j]) for i, j in pairs]).mean()
         return self._result(loss, [z[0], z[1]], h[0], z[0], z[1])
 
@@ -247,12 +252,7 @@ class NNCLR(Method):
     def forward(self, views, batch=None, target=None):
         self._check(views, target)
         online, tgt, pairs = self._branches(target)
-        h, z, p = {}, {}, {}
-        for i in online:
-            h[i] = self.backbone(views[i]); z[i] = self.projector(h[i]); p[i] = self.predictor(z[i])
-        with torch.no_grad():
-            for j in tgt:
-                if j not in z: h[j] = self.backbone(views[j]); z[j] = self.projector(h[j])
+        h, z, p = self._predict_and_project(views, online, tgt)
         loss = torch.stack([nnclr_loss(z[j], p[i], self.queue, self.temperature) for i, j in pairs]).mean()
         if self.training: self._pending = z[0].detach()
         return self._result(loss, [z[0], z[1]], h[0], z[0], z[1], self.temperature)
