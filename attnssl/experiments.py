@@ -266,7 +266,9 @@ def pretrain(config: dict, directory: Path) -> dict:
     seed_everything(cfg["seed"])
     sets = build_datasets(cfg)
     backbone = build_backbone_from(cfg)
-    m = dict(cfg["method"]); method = methods.build_method(m.pop("name"), backbone, **m)
+    m = dict(cfg["method"])
+    if m["name"] == "memory_bank": m.setdefault("num_samples", len(sets["ssl"]))  # one bank slot per SSL image
+    method = methods.build_method(m.pop("name"), backbone, **m)
     views = build_view_generator(cfg, sets["ssl"], device)
     al = dict(cfg["align"])
     if al.get("lam", 0):

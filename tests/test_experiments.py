@@ -105,3 +105,12 @@ def test_two_processes_train_once(tmp_path):
     outs = sorted(p.communicate(timeout=60)[0].strip() for p in ps)
     assert (tmp_path/"calls.txt").read_text() == "x"
     assert outs == ["1 False", "1 True"]
+
+@pytest.mark.parametrize("method", ["memory_bank", "moco_v1"])
+def test_real_tiny_run_of_a_method(method, tmp_path):
+    "A real (tiny) pretrain + kNN through the cache; the memory bank gets one slot per SSL image from the config."
+    from attnssl.experiments import make_config, run_pretrain
+    cfg = make_config(num_images=32, num_test_images=16, width=2, epochs=1, batch_size=16, linear=False, knn_k=5,
+                      method=method, method_kw={"queue_size": 64} if method == "moco_v1" else {}, device="cpu")
+    res = run_pretrain(cfg, root=tmp_path)
+    assert 0 <= res["knn_top1"] <= 100 and (Path(res["run_dir"])/"encoder.pt").exists()
