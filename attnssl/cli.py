@@ -213,7 +213,7 @@ def reproduce(profile: str = "small", only: Sequence[str] | None = None, seeds: 
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "attnssl reproduce --profile " + profile + (" --only " + " ".join(only) if only else "")
                          + (f" --jobs {jobs}" if jobs > 1 else ""),
-              "wall time": f"{time.time() - t_all:.0f} s"}
+              "wall time of this call": f"{time.time() - t_all:.0f} s"}
     index = write_index(out, header)
     failed = [i for i, m in summary.items() if m.get("status") != "ok"]
     log(f"done in {time.time() - t_all:.1f}s; index: {index}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
