@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from . import distributed as D
 from .core import (ConfigError, atomic_torch_save, atomic_write_json, atomic_write_text, check_keys,
                           get_device, git_commit, hardware_info, rng_state, seed_everything, set_rng_state)
+from .losses import uniformity
 from .evaluate import OnlineProbe, extract_features, knn_classify, linear_accuracy
 
 # %% auto #0
-__all__ = ['TrainConfig', 'scaled_lr', 'lr_factor', 'LARS', 'param_groups', 'build_optimizer', 'uniformity', 'TrainingDiverged',
-           'Trainer']
+__all__ = ['TrainConfig', 'scaled_lr', 'lr_factor', 'LARS', 'param_groups', 'build_optimizer', 'TrainingDiverged', 'Trainer']
 
 # %% ../nbs/08_train.ipynb #604ba693
 @dataclass
@@ -134,13 +134,6 @@ def build_optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999))
 
 # %% ../nbs/08_train.ipynb #1f3895b3
-@torch.no_grad()
-def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
-    "log E_{i != k} exp(-t ||n(z_i) - n(z_k)||^2) over a batch (lower = more uniform)."
-    z = F.normalize(z.float(), dim=1)
-    d2 = torch.pdist(z).pow(2)
-    return torch.logsumexp(-t * d2, 0) - math.log(max(1, d2.numel()))
-
 class _Meter:
     "Running NaN-skipping means of scalar diagnostics, accumulated on the device."
     def __init__(self): self.sums, self.counts = {}, {}
@@ -380,7 +373,8 @@ class Trainer:
                 if k not in ("loss", "z", "h0") and (isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)):
                     meter.add(k, v, bs)
             z = out.get("z")
-            if z is not None and len(z): meter.add("uniformity", uniformity(z[0][:256]), bs)
+            if z is not None and len(z) and len(z[0]) >= 2:  # the loss function of attnssl.losses, without a graph
+                meter.add("uniformity", uniformity(z[0][:256].detach().float()), bs)
             if self.probe is not None and out.get("h0") is not None and "label" in batch:
                 pl, pc, pn = self.probe.step(out["h0"].float(), batch["label"])
                 probe.add("probe_train_acc", 100.0 * pc / max(pn, 1), pn)
