@@ -10,12 +10,13 @@ import copy, hashlib, json, os, resource, socket, sys, time
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from .core import (ConfigError, atomic_torch_save, atomic_write_json, check_keys, get_device,
                           git_commit, hardware_info, seed_everything)
+from .synthetic import DEFAULT_OBJECT_AREA, check_clutter, check_object_area
 
 # %% auto #0
 __all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATASET_SPLITS', 'override', 'canonical_config',
@@ -343,16 +344,26 @@ DATASET_SPLITS = {
 }
 
 def dataset_section(dataset: str = "clutter", image_size: int = 32, num_images: int | None = 256,
-                    num_test_images: int | None = 128) -> dict:
-    "The `dataset` config section for a dataset name (splits from `DATASET_SPLITS`)."
+                    num_test_images: int | None = 128, clutter: float = 1.0,
+                    object_area: Sequence[float] = DEFAULT_OBJECT_AREA) -> dict:
+    """The `dataset` config section for a dataset name (splits from `DATASET_SPLITS`). The ClutterShapes knobs
+    `clutter` and `object_area` enter the section only when they differ from the defaults, so that runs at
+    the default dataset keep their cache keys."""
     ssl, tr, te = DATASET_SPLITS.get(dataset, ("train", "train", "test"))
     sec = {"name": dataset, "ssl_split": ssl, "train_split": tr, "test_split": te}
-    if dataset == "clutter": sec.update(image_size=image_size, num_images=num_images, num_test_images=num_test_images)
+    clutter, object_area = check_clutter(clutter), check_object_area(object_area)
+    knobs = {k: v for k, v, default in [("clutter", clutter, 1.0), ("object_area", list(object_area), list(DEFAULT_OBJECT_AREA))]
+             if v != default}
+    if dataset == "clutter": sec.update(image_size=image_size, num_images=num_images, num_test_images=num_test_images, **knobs)
+    elif knobs:
+        raise ConfigError(f"{' and '.join(knobs)} {'apply' if len(knobs) > 1 else 'applies'} to the embedded dataset (dataset='clutter') only, not {dataset!r}; "
+                          "leave them at their defaults (clutter=1.0, object_area=[0.05, 0.4])")
     else: sec.update(num_images=None, num_test_images=None)
     return sec
 
 def make_config(dataset: str = "clutter", image_size: int = 32, num_images: int | None = 256,
-                num_test_images: int | None = 128, backbone: str = "resnet18", width: int = 8,
+                num_test_images: int | None = 128, clutter: float = 1.0,
+                object_area: Sequence[float] = DEFAULT_OBJECT_AREA, backbone: str = "resnet18", width: int = 8,
                 method: str = "simclr", method_kw: dict | None = None, views: dict | None = None,
                 epochs: int = 1, batch_size: int = 64, lr: float = 0.06, weight_decay: float = 5e-4,
                 optimizer: str = "sgd", train_kw: dict | None = None, knn_k: int = 20, linear: bool = True,
@@ -361,7 +372,7 @@ def make_config(dataset: str = "clutter", image_size: int = 32, num_images: int 
     "A run config from the flat parameters of an experiment template."
     bb = {"name": backbone}
     if backbone.startswith("resnet"): bb.update(width=width, small_stem=image_size <= 96)
-    return {"dataset": dataset_section(dataset, image_size, num_images, num_test_images), "backbone": bb,
+    return {"dataset": dataset_section(dataset, image_size, num_images, num_test_images, clutter, object_area), "backbone": bb,
             "method": {"name": method, **(method_kw or {})}, "views": dict(views or {"name": "two_crop"}),
             "align": {"lam": 0.0, "target": "attention"},
             "train": {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,

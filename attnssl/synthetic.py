@@ -19,13 +19,15 @@ from .core import ConfigError, atomic_torch_save, cache_dir
 from .datasets import DATASET_STATS, TensorDataset, _mix_seed
 
 # %% auto #0
-__all__ = ['CLASSES', 'GENERATOR_VERSION', 'DEFAULT_NUM_IMAGES', 'CHUNK', 'shape_sdf', 'unit_areas', 'pixel_grid',
-           'render_shapes', 'masks_to_boxes', 'generate_clutter', 'clutter_cache_path', 'ClutterShapes']
+__all__ = ['CLASSES', 'GENERATOR_VERSION', 'DEFAULT_NUM_IMAGES', 'DEFAULT_OBJECT_AREA', 'CHUNK', 'shape_sdf', 'unit_areas',
+           'pixel_grid', 'render_shapes', 'masks_to_boxes', 'check_clutter', 'check_object_area', 'generate_clutter',
+           'clutter_cache_path', 'ClutterShapes']
 
 # %% ../nbs/01_synthetic.ipynb #9866e9f9
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "crescent", "arrow", "ell")
 GENERATOR_VERSION = 3  # bump whenever generated pixels change: it is part of the cache key
 DEFAULT_NUM_IMAGES = {"train": 5000, "test": 1000}
+DEFAULT_OBJECT_AREA = (0.05, 0.40)  # fraction of the image the object covers (min, max)
 _SPLIT_STREAM = {"train": 0, "test": 1}
 
 def _box(x, y, cx, cy, hx, hy):
@@ -131,12 +133,17 @@ def _draw_params(g: torch.Generator, B: int) -> dict:
     # two fragments: a shape of another class, 5-25% area, cut by a half-plane near its centre
     p["frags"] = [((p["label"] + 1 + torch.randint(0, K - 1, (B,), generator=g)) % K, 0.05 + R(B) * 0.2,
                    R(B), R(B), R(B) * 2 * math.pi, R(B) * 2 * math.pi, R(B) * 0.4 - 0.2, R(B, 3)) for _ in range(2)]
-    # the object: linear size uniform so that the area is in [5%, 40%] of the image
-    p["obj_size"] = math.sqrt(0.05) + R(B) * (math.sqrt(0.40) - math.sqrt(0.05))
+    # the object: a uniform draw that `_render_scene` maps to a linear size (area in `object_area`)
+    p["obj_size_u"] = R(B)
     p["obj_pos"], p["obj_theta"], p["obj_col"] = R(B, 2), R(B) * 2 * math.pi, R(B, 3)
     return p
 
-def _render_scene(p: dict, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _clutter_count(n: int, clutter: float) -> int:
+    "How many of the `n` drawn distractors of one kind a scene at clutter level `clutter` paints (rounded half up)."
+    return math.floor(n * clutter + 0.5)
+
+def _render_scene(p: dict, size: int, g: torch.Generator, clutter: float = 1.0,
+                  object_area: tuple = DEFAULT_OBJECT_AREA) -> tuple[torch.Tensor, torch.Tensor]:
     B, S = len(p["label"]), size
     X, Y = pixel_grid(S)
     areas = unit_areas()
@@ -146,9 +153,11 @@ def _render_scene(p: dict, size: int, g: torch.Generator) -> tuple[torch.Tensor,
     img = W @ field @ W.T                                                     # (B,3,S,S)
     ang, k = p["stripe_angle"][:, None, None], (p["stripe_freq"] * 2 * math.pi / S)[:, None, None]
     wave = ((X * torch.cos(ang) * k + p["stripe_phase"][:, None, None]) + Y * torch.sin(ang) * k).sin_()
-    img.addcmul_(p["stripe_amp"][:, :, None, None], wave[:, None])
+    img.addcmul_(p["stripe_amp"][:, :, None, None] * clutter, wave[:, None])
     ref = field.mean((2, 3))
-    for a, b, w, col in p["lines"]:                                           # segments: distance to a-b
+    # `clutter` scales the stripes and keeps the first lines and fragments; all are drawn at every level,
+    # so one seed gives the same objects, colours and noise at any clutter level
+    for a, b, w, col in p["lines"][:_clutter_count(len(p["lines"]), clutter)]:                                           # segments: distance to a-b
         a, e = a * S, (b - a) * S
         ex, ey = e[:, 0, None, None], e[:, 1, None, None]
         px, py = X - a[:, 0, None, None], Y - a[:, 1, None, None]             # (B,1,S), (B,S,1)
@@ -156,7 +165,7 @@ def _render_scene(p: dict, size: int, g: torch.Generator) -> tuple[torch.Tensor,
         h = (px * ex / L2 + py * ey / L2).clamp_(0, 1)
         dist = ((px - h * ex).square_() + (py - h * ey).square_()).sqrt_()
         _paint(img, dist.neg_().add_(w[:, None, None] * S), col)
-    for cls, area, fx, fy, theta, cut_angle, cut_offset, col in p["frags"]:  # fragments: shape cut by a half-plane
+    for cls, area, fx, fy, theta, cut_angle, cut_offset, col in p["frags"][:_clutter_count(len(p["frags"]), clutter)]:  # fragments: shape cut by a half-plane
         scale = torch.sqrt(area / areas[cls]) * S
         cx, cy = fx * S, fy * S
         sdf = render_shapes(cls, cx, cy, scale, theta, X, Y)
@@ -164,7 +173,8 @@ def _render_scene(p: dict, size: int, g: torch.Generator) -> tuple[torch.Tensor,
         half = (X - cx[:, None, None]) * ca + ((Y - cy[:, None, None]) * sa + (cut_offset * scale)[:, None, None])
         _paint(img, torch.minimum(sdf, half), _contrast(col, ref))
     # the object, last (never occluded): its coverage >= 0.5 is the mask
-    scale = p["obj_size"] * S / torch.sqrt(areas[p["label"]])
+    lo_side, hi_side = math.sqrt(object_area[0]), math.sqrt(object_area[1])  # linear size uniform between these
+    scale = (lo_side + p["obj_size_u"] * (hi_side - lo_side)) * S / torch.sqrt(areas[p["label"]])
     lo = scale.clamp(max=S / 2); hi = S - lo   # keep the unit disc inside the frame when it fits
     cx, cy = lo + p["obj_pos"][:, 0] * (hi - lo), lo + p["obj_pos"][:, 1] * (hi - lo)
     sdf = render_shapes(p["label"], cx, cy, scale, p["obj_theta"], X, Y)
@@ -193,48 +203,71 @@ def _one_thread():
     try: yield
     finally: torch.set_num_threads(n)
 
-def generate_clutter(num_images: int, image_size: int = 32, seed: int = 0, split: str = "train") -> dict:
-    "Generate `num_images` scenes: dict of `images` uint8 (N,3,S,S), `masks` uint8 (N,1,S,S), `labels` (N,), `boxes` (N,4)."
+def check_clutter(clutter) -> float:
+    "`clutter` as a float in [0, 1], or a `ConfigError` naming the range."
+    try: c = float(clutter)
+    except (TypeError, ValueError): c = float("nan")
+    if not 0.0 <= c <= 1.0:
+        raise ConfigError(f"clutter must be a number in [0, 1] (0 = plain background, 1 = full clutter), got {clutter!r}")
+    return c
+
+def check_object_area(object_area) -> tuple[float, float]:
+    "`object_area` as `(min, max)` fractions with 0 < min <= max <= 0.6, or a `ConfigError` naming the range."
+    try: lo, hi = (float(a) for a in object_area)
+    except (TypeError, ValueError): lo = hi = float("nan")
+    if not 0.0 < lo <= hi <= 0.6:
+        raise ConfigError(f"object_area must be (min, max) fractions of the image with 0 < min <= max <= 0.6, got {object_area!r}")
+    return lo, hi
+
+def generate_clutter(num_images: int, image_size: int = 32, seed: int = 0, split: str = "train",
+                     clutter: float = 1.0, object_area: tuple = DEFAULT_OBJECT_AREA) -> dict:
+    """Generate `num_images` scenes: dict of `images` uint8 (N,3,S,S), `masks` uint8 (N,1,S,S), `labels` (N,),
+    `boxes` (N,4). `clutter` in [0, 1] scales the background stripes and the number of lines and fragments;
+    `object_area` bounds the fraction of the image the object covers."""
     if split not in _SPLIT_STREAM: raise ConfigError(f"ClutterShapes split must be one of {list(_SPLIT_STREAM)}, got {split!r}")
     if int(num_images) < 1: raise ConfigError(f"num_images must be >= 1, got {num_images}")
     if int(image_size) < 16: raise ConfigError(f"image_size must be >= 16 px (shapes are unreadable below), got {image_size}")
+    clutter, object_area = check_clutter(clutter), check_object_area(object_area)
     images, masks, labels = [], [], []
     with _one_thread():
         for chunk in range(math.ceil(num_images / CHUNK)):
             g = torch.Generator().manual_seed(_mix_seed(seed, _SPLIT_STREAM[split], chunk))
             p = _draw_params(g, CHUNK)
-            img, mask = _render_scene(p, int(image_size), g)
+            img, mask = _render_scene(p, int(image_size), g, clutter, object_area)
             images.append(img); masks.append(mask); labels.append(p["label"])
     images, masks = torch.cat(images)[:num_images].contiguous(), torch.cat(masks)[:num_images].contiguous()
     return {"images": images, "masks": masks, "labels": torch.cat(labels)[:num_images].long(), "boxes": masks_to_boxes(masks)}
 
 # %% ../nbs/01_synthetic.ipynb #2a369137
-def clutter_cache_path(split: str, num_images: int, image_size: int, seed: int) -> Path:
+def clutter_cache_path(split: str, num_images: int, image_size: int, seed: int, clutter: float = 1.0,
+                       object_area: tuple = DEFAULT_OBJECT_AREA) -> Path:
     "Cache file for one configuration (the generator version is part of the name)."
-    return cache_dir("clutter") / f"clutter-v{GENERATOR_VERSION}-{split}-n{num_images}-{image_size}px-seed{seed}.pt"
+    area = "-".join(f"{a:g}" for a in object_area)
+    return cache_dir("clutter") / f"clutter-v{GENERATOR_VERSION}-{split}-n{num_images}-{image_size}px-seed{seed}-c{clutter:g}-a{area}.pt"
 
 class ClutterShapes(TensorDataset):
     "Embedded object-on-clutter dataset: 10 shape classes, masks and boxes; deterministic for a seed, cached."
     def __init__(self, split: str = "train", num_images: int | None = None, image_size: int = 32, seed: int = 0,
-                 cache: bool = True):
+                 clutter: float = 1.0, object_area: tuple = DEFAULT_OBJECT_AREA, cache: bool = True):
         if split not in DEFAULT_NUM_IMAGES:
             raise ConfigError(f"ClutterShapes has no split {split!r}; valid splits are: {', '.join(DEFAULT_NUM_IMAGES)}")
         n = DEFAULT_NUM_IMAGES[split] if num_images is None else int(num_images)
         self.split, self.seed, self.cache_path, self.from_cache = split, int(seed), None, False
+        self.clutter, self.object_area = check_clutter(clutter), check_object_area(object_area)
         data = None
         if cache:
-            self.cache_path = clutter_cache_path(split, n, int(image_size), int(seed))
+            self.cache_path = clutter_cache_path(split, n, int(image_size), int(seed), self.clutter, self.object_area)
             if self.cache_path.exists():
                 try:
                     data = torch.load(self.cache_path, weights_only=True); self.from_cache = True
                 except Exception as e:  # unreadable cache: regenerate
                     warnings.warn(f"regenerating unreadable ClutterShapes cache {self.cache_path}: {e}")
         if data is None:
-            data = generate_clutter(n, int(image_size), int(seed), split)
+            data = generate_clutter(n, int(image_size), int(seed), split, self.clutter, self.object_area)
             if cache: atomic_torch_save(data, self.cache_path)
         mean, std = DATASET_STATS["clutter"]
         super().__init__(data["images"], data["labels"], data["masks"], CLASSES, mean, std)
         self.boxes = data["boxes"]
 
     def __repr__(self) -> str:
-        return f"ClutterShapes(split={self.split!r}, n={len(self)}, image_size={self.images.shape[-1]}, seed={self.seed})"
+        return f"ClutterShapes(split={self.split!r}, n={len(self)}, image_size={self.images.shape[-1]}, seed={self.seed}, clutter={self.clutter:g}, object_area={self.object_area})"

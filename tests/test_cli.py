@@ -128,13 +128,16 @@ def test_failure_is_recorded_and_raised(fake, tmp_path, capsys):
 
 @pytest.mark.skipif(not (ROOT/"nbs"/"experiments"/"E9_positive_similarity.ipynb").exists(), reason="no E9 template")
 def test_smoke_end_to_end(tmp_path, monkeypatch):
-    "The real E9 template on the smoke profile (ground-truth attention, so no ViT is trained)."
+    "The real E9 template on the smoke profile (ground-truth attention, so no ViT is trained), easier data."
     monkeypatch.delenv("ATTNSSL_TEMPLATES", raising=False)
     out = tmp_path/"reports"
     res = cli.reproduce(profile="smoke", only=["E9"], out=out, runs_root=tmp_path/"runs",
-                        set_params={"attn_source": "ground_truth"}, log=None, threads=1)
+                        set_params={"attn_source": "ground_truth", "clutter": 0.5, "object_area": [0.2, 0.5]},
+                        log=None, threads=1)
     assert res["failed"] == []
     assert (out/"E9"/"E9_positive_cosine.png").exists() and (out/"E9"/"E9_similarity.csv").exists()
     idx = (out/"README.md").read_text()
     assert "E9/E9_positive_cosine.png" in idx and "random crop" in idx and "attention + align" in idx
-    assert len([p for p in (tmp_path/"runs").iterdir() if (p/"result.json").exists()]) == 3
+    results = [json.loads((p/"result.json").read_text()) for p in (tmp_path/"runs").iterdir() if (p/"result.json").exists()]
+    assert len(results) == 3
+    assert all(r["config"]["dataset"]["clutter"] == 0.5 and r["config"]["dataset"]["object_area"] == [0.2, 0.5] for r in results)

@@ -114,3 +114,16 @@ def test_real_tiny_run_of_a_method(method, tmp_path):
                       method=method, method_kw={"queue_size": 64} if method == "moco_v1" else {}, device="cpu")
     res = run_pretrain(cfg, root=tmp_path)
     assert 0 <= res["knn_top1"] <= 100 and (Path(res["run_dir"])/"encoder.pt").exists()
+
+def test_dataset_knobs_in_config():
+    from attnssl.experiments import build_datasets, make_config
+    default = make_config()
+    assert "clutter" not in default["dataset"] and "object_area" not in default["dataset"]   # default keys unchanged
+    assert config_key(make_config(clutter=1.0, object_area=(0.05, 0.4))) == config_key(default)
+    easy = make_config(num_images=12, num_test_images=6, clutter=0.5, object_area=[0.2, 0.5])
+    assert easy["dataset"]["clutter"] == 0.5 and easy["dataset"]["object_area"] == [0.2, 0.5]
+    assert config_key(easy) != config_key(make_config(num_images=12, num_test_images=6))
+    sets = build_datasets(easy)
+    assert sets["ssl"].clutter == 0.5 and sets["test"].object_area == (0.2, 0.5) and len(sets["test"]) == 6
+    with pytest.raises(ConfigError, match="clutter must be"): make_config(clutter=3)
+    with pytest.raises(ConfigError, match="embedded dataset"): make_config(dataset="stl10", object_area=[0.2, 0.5])

@@ -2,11 +2,12 @@
 import os
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnssl.core import ConfigError
 from attnssl.datasets import get_dataset, make_loader
-from attnssl.synthetic import (CHUNK, CLASSES, ClutterShapes, clutter_cache_path, generate_clutter, masks_to_boxes,
-                               render_shapes, shape_sdf, unit_areas)
+from attnssl.synthetic import (CHUNK, CLASSES, ClutterShapes, check_clutter, check_object_area, clutter_cache_path,
+                               generate_clutter, masks_to_boxes, render_shapes, shape_sdf, unit_areas)
 
 N = CHUNK  # one generation chunk: every chunk costs the same, so tests reuse few
 
@@ -42,7 +43,7 @@ def test_splits_disjoint(train):
 def test_cache_written_and_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("ATTNSSL_CACHE", str(tmp_path))
     first = ClutterShapes("test", num_images=40, seed=5)
-    path = clutter_cache_path("test", 40, 32, 5)
+    path = clutter_cache_path("test", 40, 32, 5, 1.0)
     assert path.exists() and not first.from_cache and str(path).startswith(str(tmp_path))
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # atomic: no leftovers
     import attnssl.synthetic as syn
@@ -53,7 +54,7 @@ def test_cache_written_and_reused(monkeypatch, tmp_path):
 def test_corrupt_cache_regenerated(monkeypatch, tmp_path):
     monkeypatch.setenv("ATTNSSL_CACHE", str(tmp_path))
     ref = ClutterShapes("train", num_images=20, seed=1, cache=False)
-    clutter_cache_path("train", 20, 32, 1).write_bytes(b"not a torch file")
+    clutter_cache_path("train", 20, 32, 1, 1.0).write_bytes(b"not a torch file")
     with pytest.warns(UserWarning, match="regenerating"):
         ds = ClutterShapes("train", num_images=20, seed=1)
     assert torch.equal(ds.images, ref.images)
@@ -113,3 +114,52 @@ def test_other_sizes_and_registry(train):
     ld = make_loader(ds, 4, seed=0)
     b = next(iter(ld))
     assert b["mask"].shape == (4, 1, 48, 48)
+
+def _background_roughness(data) -> float:
+    "Mean absolute horizontal step between neighbouring pixels that are both well outside the object."
+    img, m = data["images"].float(), data["masks"].float()
+    near = F.max_pool2d(m, 5, stride=1, padding=2) > 0                         # object dilated by 2 px
+    both = ~(near[..., 1:] | near[..., :-1])
+    return ((img[..., 1:] - img[..., :-1]).abs() * both).sum().item() / (both.sum().item() * 3)
+
+def test_clutter_level_changes_background_only():
+    levels = {c: generate_clutter(100, seed=2, clutter=c) for c in (0.0, 0.5, 1.0)}
+    full = generate_clutter(100, seed=2)
+    assert torch.equal(levels[1.0]["images"], full["images"])                  # 1 is the default
+    for c, d in levels.items():                                                # same objects at every level
+        for k in ("labels", "masks", "boxes"): assert torch.equal(d[k], full[k]), (c, k)
+        inside = d["masks"].bool().expand_as(d["images"])
+        obj = d["images"][inside].float(); ref = full["images"][inside].float()
+        assert (obj - ref).abs().mean() < 25                                   # object pixels: only anti-aliased rims move
+    rough = [_background_roughness(levels[c]) for c in (0.0, 0.5, 1.0)]
+    assert rough[0] < rough[1] < rough[2], rough                               # less clutter, smoother background
+
+def test_clutter_option_cached_and_validated(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNSSL_CACHE", str(tmp_path))
+    a = ClutterShapes("test", num_images=20, seed=5, clutter=0.25)
+    b = get_dataset("clutter", "test", num_images=20, seed=5, clutter=0.25)
+    assert b.from_cache and torch.equal(a.images, b.images) and a.clutter == 0.25 and "clutter=0.25" in repr(a)
+    assert clutter_cache_path("test", 20, 32, 5, 0.25).exists() and not clutter_cache_path("test", 20, 32, 5, 1.0).exists()
+    for bad in (-0.1, 1.5, "lots", None, float("nan")):
+        with pytest.raises(ConfigError, match=r"clutter must be a number in \[0, 1\]"): check_clutter(bad)
+    with pytest.raises(ConfigError, match="clutter must be"): ClutterShapes("test", num_images=4, clutter=2)
+
+def test_object_area_option():
+    full = generate_clutter(200, seed=2)
+    big = generate_clutter(200, seed=2, object_area=(0.2, 0.5))
+    area, area_full = big["masks"].float().mean((1, 2, 3)), full["masks"].float().mean((1, 2, 3))
+    assert area.min() >= 0.18 and area.max() <= 0.52                           # designed 20-50%, rasterised
+    assert torch.equal(big["labels"], full["labels"])                         # same scenes, larger objects:
+    assert (area > area_full - 0.01).all() and area.mean() > area_full.mean() + 0.1  # (frame clipping aside)
+    assert torch.equal(generate_clutter(20, seed=2, object_area=[0.05, 0.40])["images"], full["images"][:20])
+    fixed = generate_clutter(50, seed=2, object_area=(0.3, 0.3))["masks"].float().mean((1, 2, 3))
+    assert (fixed - 0.3).abs().max() < 0.05
+    for bad in ((0.0, 0.3), (0.4, 0.2), (0.1, 0.9), 0.3, ("a", "b")):
+        with pytest.raises(ConfigError, match=r"object_area must be \(min, max\)"): check_object_area(bad)
+
+def test_options_through_the_registry(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNSSL_CACHE", str(tmp_path))
+    ds = get_dataset("clutter", "train", num_images=10, seed=1, clutter=0.0, object_area=[0.2, 0.5])
+    assert ds.clutter == 0.0 and ds.object_area == (0.2, 0.5)
+    assert ds.cache_path == clutter_cache_path("train", 10, 32, 1, 0.0, (0.2, 0.5)) and ds.cache_path.exists()
+    assert ds.cache_path != clutter_cache_path("train", 10, 32, 1, 0.0)
