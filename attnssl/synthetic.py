@@ -157,7 +157,8 @@ def _render_scene(p: dict, size: int, g: torch.Generator, clutter: float = 1.0,
     ref = field.mean((2, 3))
     # `clutter` scales the stripes and keeps the first lines and fragments; all are drawn at every level,
     # so one seed gives the same objects, colours and noise at any clutter level
-    for a, b, w, col in p["lines"][:_clutter_count(len(p["lines"]), clutter)]:                                           # segments: distance to a-b
+    n_lines, n_frags = _clutter_count(len(p["lines"]), clutter), _clutter_count(len(p["frags"]), clutter)
+    for a, b, w, col in p["lines"][:n_lines]:                                 # segments: distance to a-b
         a, e = a * S, (b - a) * S
         ex, ey = e[:, 0, None, None], e[:, 1, None, None]
         px, py = X - a[:, 0, None, None], Y - a[:, 1, None, None]             # (B,1,S), (B,S,1)
@@ -165,7 +166,7 @@ def _render_scene(p: dict, size: int, g: torch.Generator, clutter: float = 1.0,
         h = (px * ex / L2 + py * ey / L2).clamp_(0, 1)
         dist = ((px - h * ex).square_() + (py - h * ey).square_()).sqrt_()
         _paint(img, dist.neg_().add_(w[:, None, None] * S), col)
-    for cls, area, fx, fy, theta, cut_angle, cut_offset, col in p["frags"][:_clutter_count(len(p["frags"]), clutter)]:  # fragments: shape cut by a half-plane
+    for cls, area, fx, fy, theta, cut_angle, cut_offset, col in p["frags"][:n_frags]:  # fragments: shape cut by a half-plane
         scale = torch.sqrt(area / areas[cls]) * S
         cx, cy = fx * S, fy * S
         sdf = render_shapes(cls, cx, cy, scale, theta, X, Y)
