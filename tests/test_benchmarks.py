@@ -1,0 +1,29 @@
+"""benchmarks/short_run_knn.py: one tiny run end to end, its JSON line, and bad input."""
+import importlib.util, json
+from pathlib import Path
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "short_run_knn.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("short_run_knn", SCRIPT)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); return mod
+
+
+def test_short_run_knn_appends_one_labelled_line(tmp_path):
+    out = tmp_path / "runs.jsonl"
+    args = ["--method", "simsiam", "--epochs", "2", "--images", "64", "--width", "4", "--knn-every", "1",
+            "--augment", '{"p_gray": 1.0}', "--train", '{"batch_size": 32}', "--clutter", "0.5", "--out", str(out)]
+    row = load().main(args)
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert lines == [row]
+    assert [e for e, _ in row["knn"]] == [1, 2] and all(0 <= acc <= 100 for _, acc in row["knn"])
+    assert 0 <= row["knn_init"] <= 100 and row["data"] == {"object_area": [0.2, 0.5], "clutter": 0.5, "images": 64}
+    assert row["augment"] == {"p_gray": 1.0} and row["train"]["batch_size"] == 32 and row["commit"] and row["hardware"]
+
+
+def test_short_run_knn_rejects_unknown_hyperparameter(tmp_path):
+    with pytest.raises(Exception, match="valid"):
+        load().main(["--method", "byol", "--epochs", "1", "--images", "32", "--hparams", '{"momentun": 0.9}',
+                     "--out", str(tmp_path / "x.jsonl")])
