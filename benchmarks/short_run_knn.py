@@ -2,8 +2,9 @@
 """Does a method learn in a short run? kNN top-1 at random initialisation and every few epochs of pre-training.
 
 The setting is nbs/08_train's "every method" section (ClutterShapes, width-8 small-stem ResNet-18, AdamW lr 2e-3,
-batch 128, kNN k = 50, T = 0.1 on 1,000 test images) and every part of it can be overridden, so one command
-tests one hypothesis about why a method does or does not rise above its random-init kNN. Each run appends one
+batch 128, kNN k = 50, T = 0.1 on 1,000 test images; method hyperparameters are the library defaults, so pass
+08_train's short-run choices, e.g. BYOL's `{"momentum": 0.99}`, with --hparams) and every part of it can be
+overridden, so one command tests one hypothesis about why a method does or does not rise above its random-init kNN. Each run appends one
 JSON line (settings, kNN trajectory, last-epoch diagnostics, minutes, hardware, commit) to `--out`. Examples:
 
     python benchmarks/short_run_knn.py --method byol --hparams '{"momentum": 0.99}' --epochs 30
