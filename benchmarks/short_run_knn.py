@@ -10,6 +10,7 @@ JSON line (settings, kNN trajectory, last-epoch diagnostics, minutes, hardware, 
     python benchmarks/short_run_knn.py --method byol --hparams '{"momentum": 0.99}' --epochs 30
     python benchmarks/short_run_knn.py --method simsiam --augment '{"p_jitter": 0, "p_gray": 0}'   # no colour jitter
     python benchmarks/short_run_knn.py --method simsiam --train '{"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4}'
+    python benchmarks/short_run_knn.py --method dino --backbone '{"name": "resnet18", "width": 8, "small_stem": true}'
 """
 from __future__ import annotations
 import argparse, json, sys, time
@@ -48,19 +49,21 @@ def run(a) -> dict:
     data = {"object_area": tuple(a.object_area), "clutter": a.clutter}
     train_set = ClutterShapes("train", num_images=a.images, **data)
     test_set = ClutterShapes("test", num_images=1000, **data)
-    backbone = (build_backbone("vit_tiny", img_size=32, patch_size=4, depth=2) if a.method == "dino"
-                else build_backbone("resnet18", width=a.width, small_stem=True))
+    if a.backbone: backbone = build_backbone(**a.backbone)
+    elif a.method == "dino": backbone = build_backbone("vit_tiny", img_size=32, patch_size=4, depth=2)
+    else: backbone = build_backbone("resnet18", width=a.width, small_stem=True)
     at_init = knn_top1(backbone, train_set, test_set)
     hparams = dict(a.hparams)
     if a.method == "memory_bank": hparams.setdefault("num_samples", len(train_set))
-    train = {**(DEFAULT_DINO_TRAIN if a.method == "dino" else DEFAULT_TRAIN), **a.train}
+    vit = a.backbone["name"].startswith("vit") if a.backbone else a.method == "dino"
+    train = {**(DEFAULT_DINO_TRAIN if vit else DEFAULT_TRAIN), **a.train}
     config = TrainConfig(epochs=a.epochs, device="cpu", knn_k=50, knn_every=a.knn_every, progress=False,
                          seed=a.seed, **train)
     trainer = Trainer(build_method(a.method, backbone, **hparams), make_views(a.method, train_set, a.views, a.augment),
                       train_set, config, eval_sets=(train_set, test_set))
     start = time.time(); last = trainer.fit()
     return {"method": a.method, "epochs": a.epochs, "hparams": a.hparams, "train": train, "views": a.views,
-            "augment": a.augment, "data": {**data, "images": a.images}, "width": a.width, "seed": a.seed,
+            "augment": a.augment, "data": {**data, "images": a.images}, "width": a.width, "backbone": a.backbone, "seed": a.seed,
             "knn_init": round(at_init, 1),
             "knn": [[h["epoch"] + 1, round(h["knn_top1"], 1)] for h in trainer.history if "knn_top1" in h],
             **{k: round(last[k], 3) for k in ("loss", "s_pos", "s_neg") if k in last},
@@ -81,6 +84,8 @@ def main(argv=None) -> dict:
     p.add_argument("--object-area", type=float, nargs=2, default=(0.2, 0.5))
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--width", type=int, default=8)
+    p.add_argument("--backbone", type=j, default=None,
+                   help='build_backbone arguments (JSON) replacing the default encoder, e.g. \'{"name": "resnet18", "width": 8, "small_stem": true}\'')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--knn-every", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)

@@ -27,3 +27,13 @@ def test_short_run_knn_rejects_unknown_hyperparameter(tmp_path):
     with pytest.raises(Exception, match="valid"):
         load().main(["--method", "byol", "--epochs", "1", "--images", "32", "--hparams", '{"momentun": 0.9}',
                      "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_short_run_knn_backbone_override(tmp_path):
+    "--backbone replaces the default encoder (here DINO on a tiny ResNet) and is recorded in the line."
+    backbone = {"name": "resnet18", "width": 2, "small_stem": True}
+    row = load().main(["--method", "dino", "--epochs", "1", "--images", "32", "--backbone", json.dumps(backbone),
+                       "--hparams", '{"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8, "n_local": 2}',
+                       "--train", '{"batch_size": 16}', "--out", str(tmp_path / "x.jsonl")])
+    assert row["backbone"] == backbone and row["train"]["lr"] == 2e-3   # the ResNet defaults, not the ViT ones
+    assert [e for e, _ in row["knn"]] == [1]
