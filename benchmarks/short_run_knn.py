@@ -91,6 +91,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="short_run_knn.jsonl", help="JSON lines file the result is appended to")
     a = p.parse_args(argv)
+    if a.backbone is not None and not (isinstance(a.backbone, dict) and "name" in a.backbone):
+        p.error('--backbone takes a JSON object with a "name", e.g. \'{"name": "resnet18", "width": 8}\'')
     if a.threads: torch.set_num_threads(a.threads)
     line = json.dumps(run(a))
     row = json.loads(line)                  # what the file holds (tuples become lists)

@@ -37,3 +37,9 @@ def test_short_run_knn_backbone_override(tmp_path):
                        "--train", '{"batch_size": 16}', "--out", str(tmp_path / "x.jsonl")])
     assert row["backbone"] == backbone and row["train"]["lr"] == 2e-3   # the ResNet defaults, not the ViT ones
     assert [e for e, _ in row["knn"]] == [1]
+
+
+def test_short_run_knn_backbone_needs_a_name(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load().main(["--method", "simclr", "--backbone", '{"width": 8}', "--out", str(tmp_path / "x.jsonl")])
+    assert '"name"' in capsys.readouterr().err
