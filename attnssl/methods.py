@@ -267,9 +267,9 @@ class NNCLR(Method):
 class DINOHead(nn.Module):
     "DINO projection head: MLP (GELU) to a bottleneck, l2-normalise, weight-normalised linear to `out_dim`."
     def __init__(self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_layers: int = 3, norm_last_layer: bool = True):
-        super().__init__()
-        self.mlp = mlp(in_dim, hidden_dim, bottleneck_dim, num_layers=num_layers, bn_hidden=False, act=nn.GELU)
+                 num_layers: int = 3, norm_last_layer: bool = True, use_bn: bool = False):
+        super().__init__()   # use_bn: BN after the hidden layers (official `use_bn_in_head`, common with ResNets)
+        self.mlp = mlp(in_dim, hidden_dim, bottleneck_dim, num_layers=num_layers, bn_hidden=use_bn, act=nn.GELU)
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -291,7 +291,7 @@ class DINO(Method):
                  head_layers: int = 3, norm_last_layer: bool = True, n_local: int = 0, student_temp: float = 0.1,
                  teacher_temp: float = 0.04, warmup_teacher_temp: float | None = None,
                  warmup_teacher_temp_steps: int = 0, center_momentum: float = 0.9, momentum: float = 0.996,
-                 momentum_schedule: str = "cosine", freeze_last_layer_steps: int = 0):
+                 momentum_schedule: str = "cosine", freeze_last_layer_steps: int = 0, use_bn_in_head: bool = False):
         super().__init__(backbone)
         self._check_schedule(momentum_schedule)
         if n_local < 0: raise ConfigError(f"n_local must be >= 0, got {n_local}")
@@ -300,7 +300,8 @@ class DINO(Method):
         self.warmup_teacher_temp, self.warmup_teacher_temp_steps = warmup_teacher_temp, warmup_teacher_temp_steps
         self.momentum, self.momentum_schedule = momentum, momentum_schedule
         self.freeze_last_layer_steps = freeze_last_layer_steps
-        self.head = DINOHead(self.feat_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer)
+        self.head = DINOHead(self.feat_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer,
+                             use_bn_in_head)
         self.teacher_backbone, self.teacher_head = copy.deepcopy(self.backbone), copy.deepcopy(self.head)
         self._ema = EMA(nn.ModuleList([self.backbone, self.head]),
                         nn.ModuleList([self.teacher_backbone, self.teacher_head]))
