@@ -10,7 +10,8 @@ JSON line (settings, kNN trajectory, last-epoch diagnostics, minutes, hardware, 
     python benchmarks/short_run_knn.py --method byol --hparams '{"momentum": 0.99}' --epochs 30
     python benchmarks/short_run_knn.py --method simsiam --augment '{"p_jitter": 0, "p_gray": 0}'   # no colour jitter
     python benchmarks/short_run_knn.py --method simsiam --train '{"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4}'
-    python benchmarks/short_run_knn.py --method dino --backbone '{"name": "resnet18", "width": 8, "small_stem": true}'
+    python benchmarks/short_run_knn.py --method dino --hparams '{"teacher_temp": 0.02, "use_bn_in_head": true}'
+    python benchmarks/short_run_knn.py --method dino --backbone '{"name": "vit_tiny", "img_size": 32, "patch_size": 4, "depth": 2}'
 """
 from __future__ import annotations
 import argparse, json, sys, time
@@ -28,7 +29,8 @@ from attnssl.train import Trainer, TrainConfig
 from attnssl.views import TwoCropViews, build_views
 
 DEFAULT_TRAIN = {"batch_size": 128, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-6}
-DEFAULT_DINO_TRAIN = {"batch_size": 128, "optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04}
+DINO_WARMUP = {"warmup_epochs": 1}   # 08_train warms DINO up for one epoch
+VIT_TRAIN = {"batch_size": 128, "optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04}   # DINO's ViT recipe
 
 
 def knn_top1(backbone, memory, test) -> float:
@@ -50,13 +52,12 @@ def run(a) -> dict:
     train_set = ClutterShapes("train", num_images=a.images, **data)
     test_set = ClutterShapes("test", num_images=1000, **data)
     if a.backbone: backbone = build_backbone(**a.backbone)
-    elif a.method == "dino": backbone = build_backbone("vit_tiny", img_size=32, patch_size=4, depth=2)
     else: backbone = build_backbone("resnet18", width=a.width, small_stem=True)
     at_init = knn_top1(backbone, train_set, test_set)
     hparams = dict(a.hparams)
     if a.method == "memory_bank": hparams.setdefault("num_samples", len(train_set))
-    vit = a.backbone["name"].startswith("vit") if a.backbone else a.method == "dino"
-    train = {**(DEFAULT_DINO_TRAIN if vit else DEFAULT_TRAIN), **a.train}
+    vit = bool(a.backbone) and a.backbone["name"].startswith("vit")
+    train = {**(VIT_TRAIN if vit else DEFAULT_TRAIN), **(DINO_WARMUP if a.method == "dino" else {}), **a.train}
     config = TrainConfig(epochs=a.epochs, device="cpu", knn_k=50, knn_every=a.knn_every, progress=False,
                          seed=a.seed, **train)
     trainer = Trainer(build_method(a.method, backbone, **hparams), make_views(a.method, train_set, a.views, a.augment),

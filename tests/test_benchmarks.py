@@ -36,7 +36,15 @@ def test_short_run_knn_backbone_override(tmp_path):
                        "--hparams", '{"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8, "n_local": 2}',
                        "--train", '{"batch_size": 16}', "--out", str(tmp_path / "x.jsonl")])
     assert row["backbone"] == backbone and row["train"]["lr"] == 2e-3   # the ResNet defaults, not the ViT ones
-    assert [e for e, _ in row["knn"]] == [1]
+    assert row["train"]["warmup_epochs"] == 1 and [e for e, _ in row["knn"]] == [1]   # 08_train's DINO warm-up
+
+
+def test_short_run_knn_vit_backbone_gets_the_vit_recipe(tmp_path):
+    backbone = {"name": "vit_tiny", "img_size": 32, "patch_size": 4, "depth": 1}
+    row = load().main(["--method", "dino", "--epochs", "1", "--images", "32", "--backbone", json.dumps(backbone),
+                       "--hparams", '{"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8, "n_local": 2}',
+                       "--train", '{"batch_size": 16}', "--out", str(tmp_path / "x.jsonl")])
+    assert row["train"]["lr"] == 5e-4 and row["train"]["weight_decay"] == 0.04
 
 
 def test_short_run_knn_backbone_needs_a_name(tmp_path, capsys):
