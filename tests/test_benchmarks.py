@@ -1,4 +1,4 @@
-"""benchmarks/short_run_knn.py: one tiny run end to end, its JSON line, and bad input."""
+"""benchmarks/short_run_knn.py and benchmarks/train_throughput.py: tiny runs end to end, their output, and bad input."""
 import importlib.util, json
 from pathlib import Path
 import pytest
@@ -51,3 +51,26 @@ def test_short_run_knn_backbone_needs_a_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load().main(["--method", "simclr", "--backbone", '{"width": 8}', "--out", str(tmp_path / "x.jsonl")])
     assert '"name"' in capsys.readouterr().err
+
+
+THROUGHPUT = Path(__file__).parents[1] / "benchmarks" / "train_throughput.py"
+
+
+def load_throughput():
+    spec = importlib.util.spec_from_file_location("train_throughput", THROUGHPUT)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); return mod
+
+
+def test_train_throughput_prints_method_beside_supervised(capsys):
+    rows = load_throughput().main(["--widths", "2", "--images", "32", "--batch-size", "16", "--threads", "1", "--device", "cpu"])
+    assert [r["width"] for r in rows] == [2] and rows[0]["method"] == "simclr"
+    assert rows[0]["method_per_s"] > 0 and rows[0]["supervised_per_s"] > 0
+    assert "supervised img/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [(["--epochs", "1"], "warms up"), (["--method", "dino"], "multi-crop"),
+                                           (["--images", "8", "--batch-size", "16"], "at least")])
+def test_train_throughput_rejects_bad_input(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        load_throughput().main(argv)
+    assert message in capsys.readouterr().err
