@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from attnssl.augment import Normalize
-from attnssl.core import hardware_info
+from attnssl.core import git_commit, hardware_info
 from attnssl.methods import build_method
 from attnssl.models import build_backbone
 from attnssl.synthetic import ClutterShapes
@@ -90,7 +90,7 @@ def main(argv=None) -> list[dict]:
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           "cpu" if a.device == "auto" else a.device)
     ds = ClutterShapes("train", num_images=a.images, image_size=a.size)
-    print(f"{hardware_info()} | {torch.get_num_threads()} thread(s) | {a.images} images of {a.size} px, "
+    print(f"commit {git_commit()} | {hardware_info()} | {torch.get_num_threads()} thread(s) | {a.images} images of {a.size} px, "
           f"batch {a.batch_size}, {a.epochs} epochs (first one warms up)")
     print(f"{'backbone':<28} {a.method + ' img/s':>14} {'supervised img/s':>17} {'ratio':>6}")
     rows = []
