@@ -41,7 +41,8 @@ def method_throughput(method: str, width: int, ds, a, device) -> float:
     backbone = build_backbone("resnet18", width=width, small_stem=True)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, optimizer="adamw", lr=2e-3, weight_decay=1e-6,
                       device=str(device), progress=False)
-    return Trainer(build_method(method, backbone), build_views("two_crop", ds), ds, cfg).fit()["samples_per_s"]
+    extra = {"num_samples": len(ds)} if method == "memory_bank" else {}   # the bank holds one row per image
+    return Trainer(build_method(method, backbone, **extra), build_views("two_crop", ds), ds, cfg).fit()["samples_per_s"]
 
 
 def supervised_throughput(width: int, ds, a, device) -> float:
@@ -80,7 +81,7 @@ def parse(argv):
     a = p.parse_args(argv)
     if a.epochs < 2: p.error("--epochs must be >= 2: the first epoch warms up and is not timed")
     if a.images < a.batch_size: p.error(f"--images ({a.images}) must be at least --batch-size ({a.batch_size})")
-    if a.method in ("dino",): p.error("DINO takes multi-crop views; time it with benchmarks/short_run_knn.py")
+    if a.method == "dino": p.error("DINO takes multi-crop views; time it with benchmarks/short_run_knn.py")
     return a
 
 

@@ -68,6 +68,12 @@ def test_train_throughput_prints_method_beside_supervised(capsys):
     assert "supervised img/s" in capsys.readouterr().out
 
 
+def test_train_throughput_sizes_the_memory_bank_to_the_data():
+    rows = load_throughput().main(["--method", "memory_bank", "--widths", "2", "--images", "32", "--batch-size", "16",
+                                   "--threads", "1", "--device", "cpu"])
+    assert rows[0]["method"] == "memory_bank" and rows[0]["method_per_s"] > 0
+
+
 @pytest.mark.parametrize("argv, message", [(["--epochs", "1"], "warms up"), (["--method", "dino"], "multi-crop"),
                                            (["--images", "8", "--batch-size", "16"], "at least")])
 def test_train_throughput_rejects_bad_input(argv, message, capsys):
