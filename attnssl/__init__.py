@@ -5,7 +5,7 @@ Modules:
 - `attnssl.attention`: Where the model looks: ViT CLS attention (random, DINO-trained on our own data, or pretrained), a CNN feature-norm heatmap, or the ground-truth mask; one post-processing recipe; a per-index cache.
 - `attnssl.augment`: Batched, per-sample-random SimCLR / BYOL views on the tensors' device, with masks and attention maps carried through exactly the same crop and flip as their image.
 - `attnssl.datasets`: One item format for every dataset, a fast in-memory `TensorDataset`, a deterministic sharded loader, and loaders for the official files of STL-10, CIFAR-10/100, Tiny ImageNet, Fashion-MNIST and any image folder.
-- `attnssl.methods`: SimCLR, MoCo v1/v2, BYOL, SimSiam, NNCLR, DINO and an InstDisc memory bank behind one interface: `method(views, batch, target) -> dict(loss, z, h0, p_pos, s_pos, s_neg)`.
+- `attnssl.methods`: SimCLR, MoCo v1/v2, BYOL, SimSiam, NNCLR, DINO and an InstDisc memory bank behind one interface: `method(views, batch, roles) -> dict(loss, z, h0, p_pos, s_pos, s_neg)`.
 - `attnssl.models`: Backbones (ResNet-18/50 with a small-image stem and a width knob; timm ViTs at any resolution), MLP heads, and the EMA helper that momentum encoders share.
 - `attnssl.synthetic`: Procedurally generated object-on-clutter images with ten shape classes, ground-truth masks and boxes: deterministic, vectorised, cached, no download."""
 

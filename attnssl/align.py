@@ -10,18 +10,20 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch import Tensor
+from typing import Sequence
 
 from .core import ConfigError
 from .losses import align_loss
+from .methods import role_index
 
 # %% auto #0
 __all__ = ['ALIGN_TARGETS', 'WithAlign', 'with_align']
 
 # %% ../nbs/12_align.ipynb #b063e969
-ALIGN_TARGETS = {"attention": 1, "augmented": 0, "symmetric": None}
+ALIGN_TARGETS = ("attention", "augmented", "symmetric")
 
 class WithAlign(nn.Module):
-    "A `Method` plus `lam * align_loss(z[online], z[target])`; same interface as the wrapped method."
+    "A `Method` plus `lam * align_loss(z[online], z[target])`, the target named by its role; same interface as the method."
     def __init__(self, method: nn.Module, lam: float = 1.0, target: str = "attention"):
         super().__init__()
         if target not in ALIGN_TARGETS:
@@ -31,28 +33,30 @@ class WithAlign(nn.Module):
         self.name = f"{getattr(method, 'name', type(method).__name__)}+align"
         self.num_views = getattr(method, "num_views", 2)
 
-    @property
-    def target_index(self) -> int | None:
-        "Index of the view under stop-gradient (None: symmetric)."
-        return ALIGN_TARGETS[self.target]
+    def target_index(self, roles: Sequence[str] | None) -> int | None:
+        "Index of the view under stop-gradient for views with these `roles` (None: symmetric)."
+        if self.target == "symmetric": return None
+        return role_index(roles, self.target, "the align target")
 
-    def align(self, z: list[Tensor]) -> Tensor:
-        "The align term on the projections `z` of views 0 and 1."
-        j = self.target_index
+    def check_roles(self, roles: Sequence[str] | None) -> int | None:
+        "Check `roles` against the method and the align target; returns `target_index(roles)`."
+        if hasattr(self.method, "check_roles"): self.method.check_roles(roles)
+        return self.target_index(roles)
+
+    @staticmethod
+    def align(z: list[Tensor], j: int | None) -> Tensor:
+        "The align term on the projections `z` of views 0 and 1, view `j` under stop-gradient (None: symmetric)."
         if j is None:
             return 0.5 * (align_loss(z[0], z[1], stop_grad=False) + align_loss(z[1], z[0], stop_grad=False))
         return align_loss(z[1 - j], z[j], stop_grad=True)
 
-    def forward(self, views: list[Tensor], batch: dict, target: int | None = None) -> dict:
-        j = self.target_index
-        if target is not None and target != j:
-            raise ConfigError(f"target={target} was passed but this WithAlign uses target={self.target!r} (view {j}); "
-                              "set the target on WithAlign / with_align and leave the trainer's target at None")
-        out = dict(self.method(views, batch, target=j))
+    def forward(self, views: list[Tensor], batch: dict | None = None, roles: Sequence[str] | None = None) -> dict:
+        j = self.check_roles(roles)                      # a bad configuration fails before any compute
+        out = dict(self.method(views, batch, roles=roles))
         if len(out.get("z", ())) < 2:
             raise ConfigError(f"{self.name}: the method returned {len(out.get('z', ()))} projections in 'z'; the align "
-                              "loss needs the online projections of views 0 and 1")
-        a = self.align(out["z"])
+                              "loss needs the projections of views 0 and 1")
+        a = self.align(out["z"], j)
         out["loss_method"] = out["loss"].detach()
         if self.lam: out["loss"] = out["loss"] + self.lam * a
         out["align"] = a.detach()
@@ -65,6 +69,11 @@ class WithAlign(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor: return self.method.encode(x)
 
+    def export_backbone(self) -> nn.Module:
+        "The method's kept encoder (`Method.export_backbone`; the backbone for a plain module)."
+        fn = getattr(self.method, "export_backbone", None)
+        return fn() if fn is not None else self.method.backbone
+
     def __getattr__(self, name: str):
         try: return super().__getattr__(name)
         except AttributeError:
@@ -73,5 +82,5 @@ class WithAlign(nn.Module):
     def extra_repr(self) -> str: return f"lam={self.lam}, target={self.target!r}"
 
 def with_align(method: nn.Module, lam: float = 1.0, target: str = "attention") -> WithAlign:
-    "Wrap `method` with the align loss (see `WithAlign`)."
+    "Wrap `method` with the align loss (see `WithAlign`); `target` is a role: attention, augmented or symmetric."
     return WithAlign(method, lam=lam, target=target)

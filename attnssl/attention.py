@@ -20,10 +20,10 @@ from .core import ConfigError, check_keys, cache_dir, atomic_torch_save, get_dev
 # %% auto #0
 __all__ = ['FALLBACKS', 'SOURCE_BUILDERS', 'unfused_attention', 'eval_mode', 'as_vit', 'patch_grid', 'cls_attention',
            'attention_rollout', 'AttentionSource', 'ViTAttentionSource', 'FeatureNormSource', 'GroundTruthSource',
-           'sanitize_maps', 'upsample', 'normalize_max', 'magnitude_scale', 'postprocess', 'mass_threshold',
-           'soft_mask', 'hard_mask', 'mask_iou', 'map_entropy', 'map_diagnostics', 'iter_source_maps', 'MapCache',
-           'save_vit_checkpoint', 'load_vit', 'pretrained_vit_source', 'build_attention_source', 'DinoViTConfig',
-           'dataset_fingerprint', 'train_dino_vit', 'dino_vit_source']
+           'CentrePriorSource', 'sanitize_maps', 'upsample', 'normalize_max', 'magnitude_scale', 'postprocess',
+           'mass_threshold', 'soft_mask', 'hard_mask', 'mask_iou', 'map_entropy', 'map_diagnostics', 'iter_source_maps',
+           'MapCache', 'save_vit_checkpoint', 'load_vit', 'pretrained_vit_source', 'build_attention_source',
+           'DinoViTConfig', 'dataset_fingerprint', 'train_dino_vit', 'dino_vit_source']
 
 # %% ../nbs/10_attention.ipynb #2d3cca34
 class _StopForward(Exception):
@@ -231,6 +231,21 @@ class GroundTruthSource(AttentionSource):
         a = masks.to(images.device).float()
         if a.ndim == 3: a = a[:, None]
         return F.adaptive_avg_pool2d(a, self.grid) if self.grid is not None else a
+
+# %% ../nbs/10_attention.ipynb #7301b71f
+class CentrePriorSource(AttentionSource):
+    "The same centred Gaussian map `exp(-r^2 / width)` (r in [-1, 1] image units) for every image: a control."
+    def __init__(self, width: float = 0.5, name: str = "centre_prior"):
+        if not width > 0: raise ConfigError(f"the centre prior's width must be > 0, got {width}")
+        self.width, self.name = float(width), name
+
+    def _maps(self, images, masks):
+        H, W = images.shape[-2:]
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, H, device=images.device),
+                                torch.linspace(-1, 1, W, device=images.device), indexing="ij")
+        return torch.exp(-(xx**2 + yy**2) / self.width)[None, None].expand(len(images), 1, H, W)
+
+    def describe(self): return {**super().describe(), "width": self.width}
 
 # %% ../nbs/10_attention.ipynb #fb023c29
 FALLBACKS = ("nonfinite", "zero", "constant")
@@ -524,12 +539,21 @@ SOURCE_BUILDERS: dict[str, tuple[Callable, tuple]] = {
     "oracle": (GroundTruthSource, ("grid", "name")),
 }
 
+# what a source cannot be built without: (option, what it is)
+_REQUIRED = {"vit": ("model", "the ViT to read"), "dino_vit": ("dataset", "the unlabeled split the ViT trains on"),
+             "feature_norm": ("encoder", "a CNN whose forward(x, return_map=True) gives its feature map")}
+
 def build_attention_source(name: str, **kw) -> AttentionSource:
-    "An attention source by name (see the table above); unknown names or options raise `ConfigError`."
+    "An attention source by name (see the table above); unknown names, unknown or missing options raise `ConfigError`."
     if name not in SOURCE_BUILDERS:
         raise ConfigError(f"unknown attention source {name!r}; valid sources are: {', '.join(sorted(SOURCE_BUILDERS))}")
     fn, valid = SOURCE_BUILDERS[name]
     check_keys(kw, valid, f"option for attention source {name!r}")
+    if name in _REQUIRED and kw.get(_REQUIRED[name][0]) is None:
+        opt, what = _REQUIRED[name]
+        raise ConfigError(f"attention source {name!r} needs {opt}= ({what}); build it first, "
+                          f"source = attention.build_attention_source({name!r}, {opt}=...), and pass the source "
+                          f"object (e.g. views.build_views('attention', dataset, source=source))")
     return fn(**kw)
 
 # %% ../nbs/10_attention.ipynb #4f0901ad
@@ -580,6 +604,7 @@ def dataset_fingerprint(dataset) -> str:
     return f"{type(dataset).__name__}-{len(dataset)}-{tuple(images.shape[1:])}-{h}"
 
 def _teacher_backbone(method: nn.Module) -> nn.Module:
+    if callable(getattr(method, "export_backbone", None)): return method.export_backbone()   # DINO: the teacher
     for name in ("teacher_backbone", "target_backbone", "momentum_backbone"):
         if isinstance(getattr(method, name, None), nn.Module): return getattr(method, name)
     for name in ("teacher", "target", "momentum_encoder"):

@@ -182,7 +182,7 @@ def reproduce(profile: str = "small", only: Sequence[str] | None = None, seeds: 
     if threads is None and jobs > 1: threads = max(1, (os.cpu_count() or 1) // jobs)
     todo = plan(profile, only, seeds, data_root, out, set_params)
     templates, out = list_templates(), Path(out).expanduser().resolve()
-    commit, hw = git_commit(repo_root()), hardware_info()
+    commit, hw = git_commit(), hardware_info()
     summary, work, t_all = {}, [], time.time()
     log(f"attnssl reproduce: profile {profile!r}, {len(todo)} experiment(s), {jobs} at a time -> {out}")
     for i, params in todo.items():

@@ -16,7 +16,7 @@ import torch
 # %% auto #0
 __all__ = ['ConfigError', 'check_keys', 'seed_everything', 'rng_state', 'set_rng_state', 'get_device', 'autocast',
            'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'cache_dir',
-           'git_commit', 'hardware_info']
+           'package_version', 'git_commit', 'hardware_info']
 
 # %% ../nbs/00_core.ipynb #8d94e53a
 class ConfigError(ValueError):
@@ -103,13 +103,35 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts); path.mkdir(parents=True, exist_ok=True)
     return path
 
-def git_commit(path: str | os.PathLike = ".") -> str:
-    "Short commit hash of the repository holding `path` (with `+dirty` if it has changes), or 'unknown'."
+def _package_dir() -> Path:
+    "The folder of the imported `attnssl` package."
+    import attnssl
+    return Path(attnssl.__file__).resolve().parent
+
+def package_version() -> str:
+    "`attnssl==<version>` of the imported package (installed metadata, else `attnssl.__version__`)."
+    from importlib import metadata
+    try: return f"attnssl=={metadata.version('attnssl')}"
+    except metadata.PackageNotFoundError:
+        import attnssl
+        return f"attnssl=={getattr(attnssl, '__version__', 'unknown')}"
+
+def _repo_commit(folder: Path, tracked: str | None = None) -> str | None:
+    "Short commit (+dirty) of the git checkout holding `folder`; None if there is none (or `tracked` is not in it)."
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=path, capture_output=True, text=True, check=True).stdout.strip()
+        run = lambda *a: subprocess.run(["git", "-C", str(folder), *a], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        if tracked is not None: run("ls-files", "--error-unmatch", tracked)   # a checkout of this code, not a copy
         commit = run("rev-parse", "--short", "HEAD")
         return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError): return "unknown"
+    except (OSError, subprocess.CalledProcessError): return None
+
+def git_commit(path: str | os.PathLike | None = None) -> str:
+    """What produced a result: the short commit (with `+dirty` if the checkout has changes) of the repository
+    holding the imported `attnssl` package, whatever the working directory (or of the repository holding
+    `path`, if given and one exists); else the installed version, `attnssl==<version>`."""
+    if path is not None and (c := _repo_commit(Path(path))) is not None: return c
+    return _repo_commit(_package_dir(), tracked="__init__.py") or package_version()
 
 def hardware_info() -> dict:
     "A short description of the machine a result came from."

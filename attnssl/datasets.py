@@ -579,15 +579,18 @@ class LazyImageFolder(Dataset):
     has_masks = False
     def __init__(self, root, image_size: int = 64, mean=None, std=None):
         files, labels, self.classes = scan_image_folder(root)
-        self.files, self.labels, self.image_size, self.root = [str(f) for f in files], torch.tensor(labels, dtype=torch.long), int(image_size), Path(root)
+        self.files, self.labels, self.root = [str(f) for f in files], torch.tensor(labels, dtype=torch.long), Path(root)
+        self._side = int(image_size)                   # images are decoded to side x side
         m, s = DATASET_STATS["imagefolder"]
         self.mean, self.std = tuple(mean or m), tuple(std or s)
+    @property
+    def image_size(self) -> tuple[int, int]: return (self._side, self._side)   # (H, W), as every dataset
     @property
     def num_classes(self) -> int: return len(self.classes)
     def __len__(self) -> int: return len(self.files)
     def __getitem__(self, i: int) -> dict:
         i = int(i)
-        try: arr = load_image(self.files[i], self.image_size)
+        try: arr = load_image(self.files[i], self._side)
         except Exception as e:
             raise CorruptImageError(f"imagefolder: cannot decode image file {self.files[i]} ({type(e).__name__}: {e}); "
                                     f"replace or delete it (or use the eager ImageFolder with skip_corrupt=True)") from None

@@ -283,8 +283,9 @@ class _Classifier(nn.Module):
 
 def finetune(backbone, train_set, test_set, label_fraction: float, seed: int = 0, epochs: int = 30,
              batch_size: int = 64, lr: float = 0.05, weight_decay: float = 0.0, device=None,
-             progress: bool = False) -> dict:
-    "Fine-tune a copy of the encoder + linear head on a class-balanced `label_fraction` subset; dict(top1[, top5], num_labelled)."
+             progress: bool = False, return_encoder: bool = False) -> dict:
+    """Fine-tune a copy of the encoder + linear head on a class-balanced `label_fraction` subset; dict(top1[, top5],
+    num_labelled[, encoder]). From a random initialisation with `label_fraction=1` this is supervised training."""
     if not isinstance(backbone, nn.Module): raise ConfigError("finetune needs an nn.Module (a backbone or a method)")
     if device is None:
         p = next(backbone.parameters(), None); device = p.device if p is not None else "cpu"
@@ -315,6 +316,7 @@ def finetune(backbone, train_set, test_set, label_fraction: float, seed: int = 0
     fte, yte = extract_features(model, test_set, 256, device)       # model(x) = logits
     out = linear_accuracy(lambda f: f, fte, yte)
     out["num_labelled"] = len(sub)
+    if return_encoder: out["encoder"] = model.encoder.eval()
     return out
 
 # %% ../nbs/09_evaluate.ipynb #9fe9461f

@@ -19,22 +19,26 @@ from .core import (ConfigError, atomic_torch_save, atomic_write_json, check_keys
 from .synthetic import DEFAULT_OBJECT_AREA, check_clutter, check_object_area
 
 # %% auto #0
-__all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATASET_SPLITS', 'override', 'canonical_config',
-           'config_key', 'repo_root', 'runs_root', 'run_dir', 'RunLocked', 'lock_is_stale', 'run_lock', 'load_result',
-           'cached_run', 'build_datasets', 'build_backbone_from', 'load_encoder', 'load_metrics', 'pretrain',
-           'build_attention_source', 'build_view_generator', 'evaluate_encoder', 'run_pretrain', 'dataset_section',
-           'make_config', 'vit_source', 'attention_views', 'run_grid', 'finetune_run', 'source_maps', 'curves']
+__all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATASET_SPLITS', 'RECIPE_SECTIONS', 'REFERENCES',
+           'override', 'canonical_config', 'config_key', 'repo_root', 'runs_root', 'run_dir', 'RunLocked',
+           'lock_is_stale', 'run_lock', 'load_result', 'cached_run', 'build_datasets', 'build_backbone_from',
+           'load_encoder', 'load_metrics', 'pretrain', 'build_attention_source', 'build_view_generator',
+           'evaluate_encoder', 'run_pretrain', 'dataset_section', 'recipes_path', 'load_recipe', 'method_section',
+           'make_config', 'vit_source', 'attention_views', 'run_grid', 'finetune_run', 'reference_run',
+           'reference_rows', 'source_maps', 'curves']
 
 # %% ../nbs/13_experiments.ipynb #dc0ed44f
 SECTIONS = ("dataset", "backbone", "method", "views", "align", "train", "eval", "seed")
 RUNTIME_KEYS = ("device", "data_root", "progress", "num_workers", "download")
-CACHE_VERSION = 1  # bump to invalidate every cached run after a change that alters results
+CACHE_VERSION = 2  # bump on ANY change in what training or evaluation does: a stale run is never reused
+# v2: validation split carved from eval-train (kNN monitor on it), ResNet `stem`/`last_stride`, recipes, view roles
+#     (methods keep their symmetric loss under align), DINO runs save the teacher, metrics log `loss_method`
 
 DEFAULT_CONFIG: dict = {
     # ssl / eval-train / eval-test splits; `num_images`, `num_test_images`, `image_size` go to get_dataset
     "dataset": {"name": "clutter", "ssl_split": "train", "train_split": "train", "test_split": "test",
-                "image_size": 32, "num_images": 256, "num_test_images": 128},
-    "backbone": {"name": "resnet18", "width": 8, "small_stem": True},
+                "image_size": 32, "num_images": 256, "num_test_images": 128, "num_val_images": 0},
+    "backbone": {"name": "resnet18", "width": 8, "stem": "small"},
     "method": {"name": "simclr"},
     "views": {"name": "two_crop"},
     "align": {"lam": 0.0, "target": "attention"},
@@ -61,8 +65,9 @@ def override(config: dict, updates: dict | None = None, **kw) -> dict:
             if not isinstance(node.get(p, {}), dict):
                 raise ConfigError(f"cannot set {key!r}: {p!r} is not a section")
             node = node.setdefault(p, {})
-        node[last] = _deep_merge(node[last], value) if isinstance(value, dict) and isinstance(node.get(last), dict) \
-            else copy.deepcopy(value)
+        # a dict merges into the section it updates, unless it names another builder (then it replaces it)
+        merge = isinstance(value, dict) and isinstance(node.get(last), dict) and value.get("name", node[last].get("name")) == node[last].get("name")
+        node[last] = _deep_merge(node[last], value) if merge else copy.deepcopy(value)
     return out
 
 def _plain(x):
@@ -87,6 +92,10 @@ def canonical_config(config: dict) -> dict:
     for s in SECTIONS[:-1]:
         if not isinstance(out[s], dict): raise ConfigError(f"config section {s!r} must be a dict, got {out[s]!r}")
     if not isinstance(out["seed"], int): raise ConfigError(f"seed must be an int, got {out['seed']!r}")
+    # one training, one key: options that change nothing are dropped
+    if not out["align"].get("lam"): out["align"] = {"lam": 0.0}   # no align term
+    if out["views"].get("name") == "attention" and out["views"].get("mode") == "full":   # no mask: no source, no map options
+        out["views"] = {k: v for k, v in out["views"].items() if k not in ("source", "s", "gamma", "beta", "t", "fill")}
     if runtime: out["runtime"] = _plain(runtime)
     return out
 
@@ -176,9 +185,22 @@ def run_lock(directory: str | os.PathLike, wait: bool = True, poll: float = 0.5,
             with suppress(FileNotFoundError): os.unlink(path)
 
 # %% ../nbs/13_experiments.ipynb #59aa503e
+def _reset_peak_cpu() -> bool:
+    "Reset this process's peak resident memory (Linux: VmHWM, via clear_refs), so the next reading is one run's."
+    try:
+        with open("/proc/self/clear_refs", "w") as f: f.write("5")
+        return True
+    except OSError: return False
+
 def _peak_cpu_mb() -> float:
+    "Peak resident memory of this process since the last `_reset_peak_cpu` (else since it started), in MB."
+    with suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(l for l in f if l.startswith("VmHWM:")).split()[1]) / 2**10   # kB
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+_NESTED: list[dict] = []   # one frame per run being executed: time and peak memory spent in the runs it started
 
 def load_result(directory: str | os.PathLike) -> dict | None:
     "The result of a finished run directory, or None while it is unfinished."
@@ -206,16 +228,23 @@ def cached_run(config: dict, fn: Callable[[dict, Path], dict], root=None, wait: 
         atomic_write_json(directory/"run_config.json", hashed)
         resumed = any(p.name not in ("run_config.json", "lock") for p in directory.iterdir())
         cuda = torch.cuda.is_available()
+        if _NESTED: _NESTED[-1]["peak_cpu_mb"] = max(_NESTED[-1]["peak_cpu_mb"], _peak_cpu_mb())   # the parent's so far
         if cuda: torch.cuda.reset_peak_memory_stats()
+        _reset_peak_cpu()
         if log: log(f"run {key}: {'resuming' if resumed else 'starting'} in {directory}")
         t0 = time.time()
-        _ACTIVE_ROOT.append(directory.parent)
+        _ACTIVE_ROOT.append(directory.parent); _NESTED.append({"wall_s": 0.0, "peak_cpu_mb": 0.0, "runs": []})
         try: out = fn(cfg, directory)
-        finally: _ACTIVE_ROOT.pop()
-        cost = {"wall_s": round(time.time() - t0, 2), "peak_cpu_mb": round(_peak_cpu_mb(), 1),
+        finally: _ACTIVE_ROOT.pop(); frame = _NESTED.pop()
+        elapsed = time.time() - t0
+        # a nested run (an attention source trained on first use) has its own cost row: not charged to this run
+        cost = {"wall_s": round(elapsed - frame["wall_s"], 2), "peak_cpu_mb": round(max(frame["peak_cpu_mb"], _peak_cpu_mb()), 1),
                 "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
-                "device": out.pop("device", None) or hardware_info()["device"], "resumed": resumed}
-        result = {**out, "key": key, "config": hashed, "cost": cost, "commit": git_commit(repo_root()),
+                "device": out.pop("device", None) or hardware_info()["device"], "resumed": resumed,
+                "nested_runs": frame["runs"], "nested_wall_s": round(frame["wall_s"], 2)}
+        if _NESTED:   # back in the parent: its time and memory count again from here
+            _NESTED[-1]["wall_s"] += elapsed; _NESTED[-1]["runs"].append(key); _reset_peak_cpu()
+        result = {**out, "key": key, "config": hashed, "cost": cost, "commit": git_commit(),
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_dir": str(directory)}
         atomic_write_json(directory/"result.json", result)  # LAST: marks the run finished
     return {**json.loads((directory/"result.json").read_text()), "cached": False}
@@ -224,23 +253,38 @@ def cached_run(config: dict, fn: Callable[[dict, Path], dict], root=None, wait: 
 def _split_kw(ds: dict, which: str) -> dict:
     "get_dataset kwargs for split `which` (ssl / train / test) from the dataset section."
     kw = {k: v for k, v in ds.items() if k not in ("name", "ssl_split", "train_split", "test_split",
-                                                   "num_images", "num_test_images", "num_train_images")}
+                                                   "num_images", "num_test_images", "num_train_images", "num_val_images")}
     n = ds.get("num_test_images") if which == "test" else ds.get("num_train_images", ds.get("num_images")) \
         if which == "train" else ds.get("num_images")
     if n is not None: kw["num_images"] = n
     return kw
 
+def _carve_val(full, n_val: int, n_keep: int | None):
+    """(train, val) from one labelled split: the embedded data is drawn with `n_val` extra images, which become
+    val; a fixed split on disk gives its last `n_val` images under a fixed permutation (seed 0) to val."""
+    if not hasattr(full, "subset"): raise ConfigError(f"num_val_images needs an in-memory dataset; {type(full).__name__} has no subset(); set num_val_images=0")
+    if n_val >= len(full): raise ConfigError(f"num_val_images={n_val} leaves no training images (the split has {len(full)})")
+    idx = torch.arange(len(full)) if n_keep is not None else torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
+    return full.subset(idx[:len(full) - n_val]), full.subset(idx[len(full) - n_val:])
+
 def build_datasets(config: dict) -> dict:
-    "The ssl, eval-train and eval-test datasets of a config (`{'ssl':..., 'train':..., 'test':...}`)."
+    """The ssl, eval-train, val and eval-test datasets of a config (`{'ssl', 'train', 'val', 'test'}`). `val` is
+    carved from the eval-train split (`num_val_images`; None when 0): choices are made on it, `test` is only
+    reported. When the SSL split is the eval-train split, SSL trains on the same images as `train` (not val)."""
     from attnssl.datasets import get_dataset
     cfg = canonical_config(config); ds, rt = cfg["dataset"], cfg.get("runtime", {})
-    out = {}
-    for which in ("ssl", "train", "test"):
-        split = ds[f"{which}_split"]
-        same = [w for w in out if ds[f"{w}_split"] == split and _split_kw(ds, w) == _split_kw(ds, which)]
-        out[which] = out[same[0]] if same else get_dataset(ds["name"], split=split, root=rt.get("data_root"),
-                                                          download=rt.get("download", False), **_split_kw(ds, which))
-    return out
+    n_val = int(ds.get("num_val_images") or 0)
+    load = lambda which, **kw: get_dataset(ds["name"], split=ds[f"{which}_split"], root=rt.get("data_root"),
+                                           download=rt.get("download", False), **{**_split_kw(ds, which), **kw})
+    out = {"val": None}
+    if n_val:
+        n = _split_kw(ds, "train").get("num_images")
+        out["train"], out["val"] = _carve_val(load("train", **({} if n is None else {"num_images": n + n_val})), n_val, n)
+    else: out["train"] = load("train")
+    for which in ("ssl", "test"):
+        same = ds[f"{which}_split"] == ds["train_split"] and _split_kw(ds, which) == _split_kw(ds, "train")
+        out[which] = out["train"] if same else load(which)
+    return {k: out[k] for k in ("ssl", "train", "val", "test")}
 
 def build_backbone_from(config: dict):
     from attnssl.models import build_backbone
@@ -259,6 +303,9 @@ def load_metrics(result: dict) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
 # %% ../nbs/13_experiments.ipynb #4e470162
+def _device_name(device) -> str:
+    return hardware_info()["device"] if device.type == "cuda" else f"{device.type.upper()} ({os.cpu_count()} cores)"
+
 def pretrain(config: dict, directory: Path) -> dict:
     "Train and evaluate the run described by canonical `config` in `directory` (called by `run_pretrain`)."
     from attnssl import methods, train as T
@@ -277,21 +324,25 @@ def pretrain(config: dict, directory: Path) -> dict:
         method = with_align(method, **al)
     tc = T.TrainConfig.from_dict({**cfg["train"], "out_dir": str(directory), "seed": cfg["seed"], "device": str(device),
                                   "progress": rt.get("progress", False), "num_workers": rt.get("num_workers", 0)})
-    trainer = T.Trainer(method, views, sets["ssl"], tc, eval_sets=(sets["train"], sets["test"]))
+    monitor = sets["val"] if sets["val"] is not None else sets["test"]   # curves select on val when there is one
+    trainer = T.Trainer(method, views, sets["ssl"], tc, eval_sets=(sets["train"], monitor))
     final = trainer.fit()
-    atomic_torch_save(backbone.state_dict(), directory/"encoder.pt")
-    dev_name = hardware_info()["device"] if device.type == "cuda" else f"{device.type.upper()} ({os.cpu_count()} cores)"
-    out = {"train": _plain(final or {}), "metrics_path": str(directory/"metrics.jsonl"), "device": dev_name}
+    encoder = method.export_backbone()   # what the run hands on: the backbone (DINO: the teacher's)
+    atomic_torch_save(encoder.state_dict(), directory/"encoder.pt")
+    out = {"train": _plain(final or {}), "metrics_path": str(directory/"metrics.jsonl"), "device": _device_name(device)}
     ev = dict(cfg["eval"])
-    if final and final.get("knn_top1") is not None and ev.get("knn_k") == cfg["train"].get("knn_k"):
-        out["knn_top1"] = float(final["knn_top1"]); ev["knn"] = False   # the trainer's last kNN monitor
-    out.update(evaluate_encoder(backbone, sets, ev, device, cfg["seed"]))
+    if final and final.get("knn_top1") is not None and ev.get("knn_k") == cfg["train"].get("knn_k") and encoder is backbone:
+        # the trainer's last kNN monitor (of the same network) is the val (or, without val, the test) kNN: not computed twice
+        out["val_knn_top1" if sets["val"] is not None else "knn_top1"] = float(final["knn_top1"])
+        if sets["val"] is None: ev["knn"] = False
+    out.update(evaluate_encoder(encoder, sets, {**ev, "val_knn": "val_knn_top1" not in out}, device, cfg["seed"]))
     return out
 
 def build_attention_source(spec: dict | None, cfg: dict, device):
     """An attention source from its config: `{"name": "vit", "pretrain": <config of a ViT run>, **kw}` (the ViT
     is trained through `run_pretrain`, so cached and shared), `{"name": "ground_truth"}` (oracle masks) or
-    `{"name": "feature_norm", "pretrain": <config>}` (a CNN's feature-norm map). None stays None."""
+    `{"name": "feature_norm", "pretrain": <config>}` (a CNN's feature-norm map) or `{"name": "centre_prior"}` (a fixed
+centred blob: the control that knows nothing about the image). None stays None."""
     if spec is None: return None
     from attnssl import attention as A
     spec = dict(spec); name = spec.pop("name", "vit"); pre = spec.pop("pretrain", None)
@@ -306,7 +357,8 @@ def build_attention_source(spec: dict | None, cfg: dict, device):
     if name == "feature_norm":
         if encoder is None: raise ConfigError("an attention source 'feature_norm' needs 'pretrain': the config of the CNN run")
         return A.FeatureNormSource(encoder, **spec)
-    raise ConfigError(f"unknown attention source {name!r}; valid sources are: vit, ground_truth, feature_norm")
+    if name == "centre_prior": return A.CentrePriorSource(**spec)
+    raise ConfigError(f"unknown attention source {name!r}; valid sources are: vit, ground_truth, feature_norm, centre_prior")
 
 def build_view_generator(cfg: dict, ssl_set, device):
     "The view generator of a config: `views.name` + options (`views.source` is built by `build_attention_source`)."
@@ -318,14 +370,16 @@ def build_view_generator(cfg: dict, ssl_set, device):
     return V.build_views(name, ssl_set, **v)
 
 def evaluate_encoder(backbone, sets: dict, ev: dict, device, seed: int = 0) -> dict:
-    "kNN and linear-probe top-1 of a frozen backbone on the eval splits."
+    "kNN and linear-probe top-1 of a frozen backbone on the test split (and kNN on val, when there is one)."
     from attnssl import evaluate as E
     out, backbone = {}, backbone.to(device).eval()
-    if ev.get("knn", True):
+    knn = lambda tr, split: float(E.knn_classify(*tr, *E.extract_features(backbone, split, device=device),
+                                                 k=ev.get("knn_k", 200), temperature=ev.get("knn_temperature", 0.1))["top1"])
+    want_val = ev.get("knn", True) and ev.get("val_knn", True) and sets.get("val") is not None
+    if ev.get("knn", True) or want_val:
         tr = E.extract_features(backbone, sets["train"], device=device)
-        te = E.extract_features(backbone, sets["test"], device=device)
-        out["knn_top1"] = float(E.knn_classify(*tr, *te, k=ev.get("knn_k", 200),
-                                               temperature=ev.get("knn_temperature", 0.1))["top1"])
+        if ev.get("knn", True): out["knn_top1"] = knn(tr, sets["test"])
+        if want_val: out["val_knn_top1"] = knn(tr, sets["val"])
     if ev.get("linear", True):
         r = E.linear_eval(backbone, sets["train"], sets["test"], protocol=ev.get("linear_protocol", "cpu"),
                           epochs=ev.get("linear_epochs"), seed=seed, device=device)
@@ -361,33 +415,81 @@ def dataset_section(dataset: str = "clutter", image_size: int = 32, num_images: 
     else: sec.update(num_images=None, num_test_images=None)
     return sec
 
+RECIPE_SECTIONS = ("backbone", "train", "methods", "vit")
+
+def recipes_path() -> Path:
+    "The recipe file, beside profiles.yaml: `$ATTNSSL_TEMPLATES/recipes.yaml`, else `<repo>/nbs/experiments/recipes.yaml`."
+    return Path(os.environ.get("ATTNSSL_TEMPLATES") or repo_root()/"nbs"/"experiments")/"recipes.yaml"
+
+def load_recipe(name: str | None, path: str | os.PathLike | None = None) -> dict:
+    """Recipe `name` of recipes.yaml (`extends` resolved, sections merged): `backbone`, `train`, `methods`, `vit`.
+    `None` is the empty recipe (every builder's own defaults)."""
+    empty = {s: {} for s in RECIPE_SECTIONS}
+    if name is None: return empty
+    import yaml
+    path = Path(path or recipes_path())
+    if not path.exists():
+        raise ConfigError(f"no recipe file at {path}: run from a checkout of attnssl, or set $ATTNSSL_TEMPLATES to "
+                          "the folder holding recipes.yaml, or pass recipe=None")
+    every = yaml.safe_load(path.read_text()) or {}
+    def resolve(n, seen=()):
+        if n not in every: raise ConfigError(f"unknown recipe {n!r}; valid recipes are: {', '.join(every)}")
+        if n in seen: raise ConfigError(f"recipe {n!r} extends itself (via {' -> '.join(seen)})")
+        r = every[n]; check_keys(r, ("description", "extends") + RECIPE_SECTIONS, f"recipe {n!r} key")
+        parent = resolve(r["extends"], seen + (n,)) if r.get("extends") else {}
+        return _deep_merge(parent, {k: v for k, v in r.items() if k != "extends"})
+    return {**empty, **resolve(name)}
+
+def method_section(method: str, recipe: str | None = None, **kw) -> dict:
+    "The `method` config section of `method`: the recipe's hyperparameters for it, then `kw`."
+    return {"name": method, **load_recipe(recipe)["methods"].get(method, {}), **kw}
+
+_TRAIN_FALLBACK = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4}   # without a recipe (DEFAULT_CONFIG's)
+
 def make_config(dataset: str = "clutter", image_size: int = 32, num_images: int | None = 256,
                 num_test_images: int | None = 128, clutter: float = 1.0,
                 object_area: Sequence[float] = DEFAULT_OBJECT_AREA, backbone: str = "resnet18", width: int = 8,
+                stem: str | None = None, last_stride: int | None = None, recipe: str | None = None,
                 method: str = "simclr", method_kw: dict | None = None, views: dict | None = None,
-                epochs: int = 1, batch_size: int = 64, lr: float = 0.06, weight_decay: float = 5e-4,
-                optimizer: str = "sgd", train_kw: dict | None = None, knn_k: int = 20, linear: bool = True,
-                linear_epochs: int | None = 10, linear_protocol: str = "cpu", seed: int = 0,
+                epochs: int = 1, batch_size: int = 64, lr: float | None = None, weight_decay: float | None = None,
+                optimizer: str | None = None, train_kw: dict | None = None, knn_k: int = 20, linear: bool = True,
+                linear_epochs: int | None = 10, linear_protocol: str = "cpu", seed: int = 0, num_val_images: int = 0,
                 device: str = "auto", data_root: str | None = None) -> dict:
-    "A run config from the flat parameters of an experiment template."
+    """A run config from the flat parameters of an experiment template. `recipe` (a name in recipes.yaml) supplies
+    the ResNet stem, the optimiser and the method's hyperparameters; a parameter given here (not None) wins."""
+    r = load_recipe(recipe)
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
     bb = {"name": backbone}
-    if backbone.startswith("resnet"): bb.update(width=width, small_stem=image_size <= 96)
-    return {"dataset": dataset_section(dataset, image_size, num_images, num_test_images, clutter, object_area), "backbone": bb,
-            "method": {"name": method, **(method_kw or {})}, "views": dict(views or {"name": "two_crop"}),
+    if backbone.startswith("resnet"):
+        bb.update({"width": width, "stem": "small" if image_size <= 96 else "imagenet", "last_stride": 2, **r["backbone"],
+                   **given(stem=stem, last_stride=last_stride)})
+    train = {**_TRAIN_FALLBACK, **r["train"], **given(optimizer=optimizer, lr=lr, weight_decay=weight_decay)}
+    return {"dataset": {**dataset_section(dataset, image_size, num_images, num_test_images, clutter, object_area),
+                        "num_val_images": num_val_images}, "backbone": bb,
+            "method": method_section(method, recipe, **(method_kw or {})), "views": dict(views or {"name": "two_crop"}),
             "align": {"lam": 0.0, "target": "attention"},
-            "train": {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
-                      "weight_decay": weight_decay, "knn_k": knn_k, "knn_every": max(1, epochs // 5), **(train_kw or {})},
+            "train": {"epochs": epochs, "batch_size": batch_size, **train,
+                      "knn_k": knn_k, "knn_every": max(1, epochs // 5), **(train_kw or {})},
             "eval": {"knn": True, "knn_k": knn_k, "knn_temperature": 0.1, "linear": linear,
                      "linear_protocol": linear_protocol, "linear_epochs": linear_epochs},
             "seed": seed, "runtime": {"device": device, "data_root": data_root}}
 
-def vit_source(base: dict, vit: str = "vit_tiny", patch_size: int | None = None, epochs: int = 1,
-               batch_size: int | None = None, lr: float = 5e-4, depth: int | None = None,
-               embed_dim: int | None = None, n_local: int = 2, dino_kw: dict | None = None, **source_kw) -> dict:
+_VIT_FALLBACK = {"vit": "vit_tiny", "epochs": 1, "lr": 5e-4, "n_local": 2}   # without a recipe
+
+def vit_source(base: dict, vit: str | None = None, patch_size: int | None = None, epochs: int | None = None,
+               batch_size: int | None = None, lr: float | None = None, depth: int | None = None,
+               embed_dim: int | None = None, n_local: int | None = None, dino_kw: dict | None = None,
+               recipe: str | None = None, **source_kw) -> dict:
     """Attention source spec: a ViT trained with DINO (multi-crop: 2 global + `n_local` local views) on `base`'s
     SSL split, then frozen. Its run uses `base`'s dataset and seed 0 (one attention source for every seed of the
-    encoder). The DINO head is smaller than DINO's ImageNet one (out 1024, hidden 512, bottleneck 128; our
-    choice for small data); `dino_kw` overrides it."""
+    encoder). Settings: the arguments given (not None), else the recipe's `vit` section, else a 1-epoch ViT-Tiny.
+    The DINO head is smaller than DINO's ImageNet one (out 1024, hidden 512, bottleneck 128; our choice for
+    small data); `dino_kw` overrides it."""
+    given = {k: v for k, v in dict(vit=vit, patch_size=patch_size, epochs=epochs, batch_size=batch_size, lr=lr,
+                                   depth=depth, embed_dim=embed_dim, n_local=n_local, dino_kw=dino_kw).items() if v is not None}
+    a = {**_VIT_FALLBACK, **load_recipe(recipe)["vit"], **given}
+    vit, patch_size, epochs, batch_size, lr = a["vit"], a.get("patch_size"), a["epochs"], a.get("batch_size"), a["lr"]
+    depth, embed_dim, n_local, dino_kw = a.get("depth"), a.get("embed_dim"), a["n_local"], a.get("dino_kw")
     size = base["dataset"].get("image_size", 32) or 32
     bb = {"name": vit, "img_size": size, "patch_size": patch_size or (4 if size <= 32 else 8)}
     if depth: bb["depth"] = depth
@@ -426,7 +528,7 @@ def run_grid(base: dict, arms: dict[str, dict], seeds: int | Iterable[int] = 1, 
             if log: log(f"{tag + ' ' if tag else ''}{arm} seed {s}: {'cached' if res.get('cached') else 'trained'} "
                         f"({res.get('key', '')}) in {time.time() - t0:.1f}s")
             rows.append({**_last_epoch(res), "arm": arm, "seed": s, "key": res.get("key"), "cached": res.get("cached"),
-                         **{k: res[k] for k in ("knn_top1", "linear_top1") if k in res},
+                         **{k: res[k] for k in ("knn_top1", "val_knn_top1", "linear_top1") if k in res},
                          "cost": res.get("cost"), "result": res})
     return rows
 
@@ -445,6 +547,44 @@ def finetune_run(pretrain_result: dict, label_fraction: float, seed: int = 0, ro
         out = finetune(enc, sets["train"], sets["test"], label_fraction, seed=seed, device=device, **kw)
         return {"top1": float(out["top1"]), "num_labelled": int(out.get("num_labelled", 0)), "device": str(device)}
     return cached_run(cfg, fn, root=root, kind="finetune")
+
+# %% ../nbs/13_experiments.ipynb #7ca2bf8a
+REFERENCES = ("random init", "supervised")
+
+def reference_run(config: dict, kind: str, root=None) -> dict:
+    """Cached reference of `config`'s encoder, `kind` in `REFERENCES`: kNN / linear top-1 (test; kNN on val too)
+    of the untrained encoder, or of the encoder trained with labels (`evaluate.finetune` at 100 %, the config's
+    epochs and batch size, SGD lr 0.05 cosine) and then frozen."""
+    if kind not in REFERENCES: raise ConfigError(f"unknown reference {kind!r}; valid references are: {', '.join(REFERENCES)}")
+    cfg = canonical_config(config); rt = cfg.pop("runtime", {})
+    keep = {"dataset": cfg["dataset"], "backbone": cfg["backbone"], "eval": cfg["eval"], "seed": cfg["seed"],
+            **({"epochs": cfg["train"]["epochs"], "batch_size": cfg["train"]["batch_size"]} if kind == "supervised" else {})}
+    def fn(c, d):
+        device = get_device(rt.get("device", "auto"))
+        seed_everything(c["seed"])
+        sets = build_datasets({**cfg, "runtime": rt})
+        enc = build_backbone_from(cfg).to(device)
+        out = {"device": _device_name(device)}
+        if kind == "supervised":
+            from attnssl.evaluate import finetune
+            ft = finetune(enc, sets["train"], sets["test"], 1.0, seed=c["seed"], epochs=c["epochs"],
+                          batch_size=c["batch_size"], device=device, return_encoder=True)
+            enc, out["classifier_top1"] = ft["encoder"], float(ft["top1"])
+        return {**out, **evaluate_encoder(enc, sets, c["eval"], device, c["seed"])}
+    return cached_run({"reference": kind, **keep}, fn, root=root, kind="reference")
+
+def reference_rows(base: dict, seeds: int | Iterable[int] = 1, kinds: Sequence[str] = REFERENCES, root=None) -> list[dict]:
+    "`run_grid`-like rows (arm = the reference's name) of `reference_run` for each kind and seed, plus chance."
+    seeds = range(seeds) if isinstance(seeds, int) else list(seeds)
+    rows = []
+    for kind in kinds:
+        for s in seeds:
+            res = reference_run(override(base, {"seed": s}), kind, root=root)
+            rows.append({"arm": kind, "seed": s, "reference": True, "key": res.get("key"), "cached": res.get("cached"), "cost": res.get("cost"),
+                         **{k: res[k] for k in ("knn_top1", "val_knn_top1", "linear_top1", "classifier_top1") if k in res}})
+    n = getattr(build_datasets(base)["test"], "num_classes", 0)
+    if n: rows.append({"arm": "chance", "seed": 0, "reference": True, "knn_top1": 100 / n, "linear_top1": 100 / n, "val_knn_top1": 100 / n})
+    return rows
 
 # %% ../nbs/13_experiments.ipynb #0d84d777
 def source_maps(spec: dict, cfg: dict, dataset, n: int | None = 64, device=None) -> dict:

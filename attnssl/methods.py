@@ -1,5 +1,5 @@
 """SimCLR, MoCo v1/v2, BYOL, SimSiam, NNCLR, DINO and an InstDisc memory bank behind one interface:
-`method(views, batch, target) -> dict(loss, z, h0, p_pos, s_pos, s_neg)`.
+`method(views, batch, roles) -> dict(loss, z, h0, p_pos, s_pos, s_neg)`.
 
 Docs: https://attnssl.github.io/attnssl/methods.html.md"""
 
@@ -21,22 +21,43 @@ from .losses import (byol_loss, contrastive_stats, dino_center_update, dino_loss
 from .models import EMA, cosine_momentum, mlp
 
 # %% auto #0
-__all__ = ['MOMENTUM_SCHEDULES', 'METHODS', 'Method', 'fifo_enqueue_', 'SimCLR', 'MoCoV2', 'MoCoV1', 'BYOL', 'SimSiam', 'NNCLR',
-           'DINOHead', 'DINO', 'MemoryBank', 'method_hparams', 'build_method']
+__all__ = ['MOMENTUM_SCHEDULES', 'VIEW_ROLES', 'TARGET_VIEWS', 'METHODS', 'role_index', 'Method', 'fifo_enqueue_', 'SimCLR',
+           'MoCoV2', 'MoCoV1', 'BYOL', 'SimSiam', 'NNCLR', 'DINOHead', 'DINO', 'MemoryBank', 'method_hparams',
+           'build_method']
 
 # %% ../nbs/07_methods.ipynb #752e0f98
 MOMENTUM_SCHEDULES = ("constant", "cosine")
+VIEW_ROLES = ("augmented", "attention", "local")   # what a view generator says each of its views is
+TARGET_VIEWS = ("augmented", "attention")           # roles that can feed a method's target branch
+
+def role_index(roles: Sequence[str] | None, role: str, what: str = "target_view") -> int:
+    """Position of the one view, among the first two, whose role is `role`. `ConfigError` when the roles are
+    unknown, or when neither or both views have it. `what` names the setting in the message."""
+    if roles is None:
+        raise ConfigError(f"{what}={role!r} names a view by its role, but no roles were given: call "
+                          "method(views, batch, roles=view_generator.view_roles(epoch)) (the Trainer does), "
+                          "e.g. roles=('augmented', 'attention')")
+    pair = tuple(roles)[:2]
+    hits = [i for i, r in enumerate(pair) if r == role]
+    if len(hits) != 1:
+        raise ConfigError(f"{what}={role!r} must name exactly one of the two views, but their roles are {pair}; "
+                          "use views that have such a view (build_views('attention', ...) gives "
+                          "('augmented', 'attention')) or the symmetric setting")
+    return hits[0]
 
 class Method(nn.Module):
-    "Base of all methods: a backbone, `forward(views, batch, target) -> dict`, `on_step_end`, `encode`."
+    "Base of all methods: a backbone, `forward(views, batch, roles) -> dict`, `on_step_end`, `encode`."
     name: str = "method"
     num_views: int = 2
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, target_view: str | None = None):
         super().__init__()
         if not hasattr(backbone, "out_dim"):
             raise ConfigError("the backbone needs an `out_dim` attribute; build it with attnssl.models.build_backbone")
-        self.backbone = backbone
+        if target_view is not None and target_view not in TARGET_VIEWS:
+            raise ConfigError(f"target_view={target_view!r}; use None (the method's own symmetric loss) or the role "
+                              f"of the view that feeds the target branch: {', '.join(TARGET_VIEWS)}")
+        self.backbone, self.target_view = backbone, target_view
         self._pending = None                      # what on_step_end needs from the last training forward
 
     @property
@@ -46,22 +67,38 @@ class Method(nn.Module):
         "Backbone pooled features: the representation evaluated by kNN / linear probes."
         return self.backbone(x)
 
-    def forward(self, views: Sequence[torch.Tensor], batch: dict | None = None, target: int | None = None) -> dict:
+    def export_backbone(self) -> nn.Module:
+        "The encoder a finished run keeps (saved, evaluated, read for attention maps): the trained backbone."
+        return self.backbone
+
+    def forward(self, views: Sequence[torch.Tensor], batch: dict | None = None,
+                roles: Sequence[str] | None = None) -> dict:
         raise NotImplementedError
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called after every optimiser step (EMA, queue, bank, centre updates). `step` is the 0-based index of
         the step just taken (the trainer passes 0, 1, ..., total_steps - 1)."""
 
+    def check_roles(self, roles: Sequence[str] | None) -> int | None:
+        "Check the views' `roles` against this method; the index of the view feeding the target branch (None: symmetric)."
+        if roles is not None:
+            roles = tuple(roles)
+            if len(roles) != self.num_views:
+                raise ConfigError(f"{self.name} takes {self.num_views} views, but the view generator names {len(roles)}: {roles}")
+            if bad := [r for r in roles if r not in VIEW_ROLES]:
+                raise ConfigError(f"unknown view role(s) {bad}; valid roles are: {', '.join(VIEW_ROLES)}")
+        if self.target_view is None: return None
+        return role_index(roles, self.target_view, f"{self.name}'s target_view")
+
     # -- helpers ---------------------------------------------------------------------------------------
-    def _check(self, views, target):
+    def _check(self, views, roles) -> int | None:
+        "Check the views and their roles; the index of the view feeding the target branch (None: symmetric)."
         if not isinstance(views, (list, tuple)):
             raise ConfigError(f"{self.name} takes a list of view tensors, got {type(views).__name__}")
         if len(views) != self.num_views:
             raise ConfigError(f"{self.name} takes {self.num_views} views, got {len(views)}; "
                               f"make the view generator produce {self.num_views}")
-        if target is not None and target not in (0, 1):
-            raise ConfigError(f"target must be None (symmetric), 0 or 1 (the view that feeds the target branch), got {target!r}")
+        return self.check_roles(roles)
 
     @staticmethod
     def _branches(target):
@@ -116,8 +153,8 @@ class SimCLR(Method):
         self.temperature, self.gather = temperature, gather
         self.projector = mlp(self.feat_dim, proj_hidden_dim or self.feat_dim, proj_dim, num_layers=proj_layers)
 
-    def forward(self, views, batch=None, target=None):
-        self._check(views, target)
+    def forward(self, views, batch=None, roles=None):
+        self._check(views, roles)
         h = [self.backbone(v) for v in views]
         z = [self.projector(x) for x in h]
         loss = nt_xent(z[0], z[1], self.temperature, gather=self.gather)
@@ -129,8 +166,8 @@ class MoCoV2(Method):
     name = "moco_v2"
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int | None = None, proj_dim: int = 128,
                  proj_layers: int = 2, queue_size: int = 4096, temperature: float = 0.2, momentum: float = 0.999,
-                 momentum_schedule: str = "constant", key_bn_splits: int = 2):
-        super().__init__(backbone)
+                 momentum_schedule: str = "constant", key_bn_splits: int = 2, target_view: str | None = None):
+        super().__init__(backbone, target_view)
         self._check_schedule(momentum_schedule)
         if queue_size < 1: raise ConfigError(f"queue_size must be >= 1, got {queue_size}")
         self.temperature, self.momentum, self.momentum_schedule = temperature, momentum, momentum_schedule
@@ -155,9 +192,8 @@ class MoCoV2(Method):
         inv = torch.empty_like(perm); inv[perm] = torch.arange(len(x), device=x.device)
         return hs[inv], ks[inv]
 
-    def forward(self, views, batch=None, target=None):
-        self._check(views, target)
-        online, tgt, pairs = self._branches(target)
+    def forward(self, views, batch=None, roles=None):
+        online, tgt, pairs = self._branches(self._check(views, roles))
         h, q, k = {}, {}, {}
         for i in online: h[i] = self.backbone(views[i]); q[i] = self.projector(h[i])
         hk = {}
@@ -179,17 +215,18 @@ class MoCoV1(MoCoV2):
     name = "moco_v1"
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int | None = None, proj_dim: int = 128,
                  proj_layers: int = 1, queue_size: int = 4096, temperature: float = 0.07, momentum: float = 0.999,
-                 momentum_schedule: str = "constant", key_bn_splits: int = 2):
+                 momentum_schedule: str = "constant", key_bn_splits: int = 2, target_view: str | None = None):
         super().__init__(backbone, proj_hidden_dim, proj_dim, proj_layers, queue_size, temperature, momentum,
-                         momentum_schedule, key_bn_splits)
+                         momentum_schedule, key_bn_splits, target_view)
 
 # %% ../nbs/07_methods.ipynb #0c3820f6
 class BYOL(Method):
     "BYOL: online projector + predictor regress an EMA target's projection (momentum .996 -> 1, cosine)."
     name = "byol"
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int | None = None, proj_dim: int = 128,
-                 pred_hidden_dim: int | None = None, momentum: float = 0.996, momentum_schedule: str = "cosine"):
-        super().__init__(backbone)
+                 pred_hidden_dim: int | None = None, momentum: float = 0.996, momentum_schedule: str = "cosine",
+                 target_view: str | None = None):
+        super().__init__(backbone, target_view)
         self._check_schedule(momentum_schedule)
         self.momentum, self.momentum_schedule = momentum, momentum_schedule
         hid = proj_hidden_dim or self.feat_dim
@@ -199,9 +236,8 @@ class BYOL(Method):
         self._ema = EMA(nn.ModuleList([self.backbone, self.projector]),
                         nn.ModuleList([self.target_backbone, self.target_projector]))
 
-    def forward(self, views, batch=None, target=None):
-        self._check(views, target)
-        online, tgt, pairs = self._branches(target)
+    def forward(self, views, batch=None, roles=None):
+        online, tgt, pairs = self._branches(self._check(views, roles))
         h, z, p, ht, zt = {}, {}, {}, {}, {}
         for i in online:
             h[i] = self.backbone(views[i]); z[i] = self.projector(h[i]); p[i] = self.predictor(z[i])
@@ -220,16 +256,15 @@ class SimSiam(Method):
     "SimSiam: 3-layer BN projector, bottleneck predictor, negative cosine with stop-gradient."
     name = "simsiam"
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int | None = None, proj_dim: int | None = None,
-                 pred_hidden_dim: int | None = None):
-        super().__init__(backbone)
+                 pred_hidden_dim: int | None = None, target_view: str | None = None):
+        super().__init__(backbone, target_view)
         proj_dim = proj_dim or self.feat_dim
         self.projector = mlp(self.feat_dim, proj_hidden_dim or self.feat_dim, proj_dim, num_layers=3,
                              bn_last=True, last_affine=False)
         self.predictor = mlp(proj_dim, pred_hidden_dim or max(proj_dim // 4, 1), proj_dim)
 
-    def forward(self, views, batch=None, target=None):
-        self._check(views, target)
-        online, tgt, pairs = self._branches(target)
+    def forward(self, views, batch=None, roles=None):
+        online, tgt, pairs = self._branches(self._check(views, roles))
         h, z, p = self._predict_and_project(views, online, tgt)
         loss = torch.stack([simsiam_loss(p[i], z[j]) for i, j in pairs]).mean()
         return self._result(loss, [z[0], z[1]], h[0], z[0], z[1])
@@ -239,8 +274,9 @@ class NNCLR(Method):
     "NNCLR: the support-queue nearest neighbour of one view's projection is the anchor for the other view."
     name = "nnclr"
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int | None = None, proj_dim: int = 128,
-                 pred_hidden_dim: int | None = None, queue_size: int = 4096, temperature: float = 0.1):
-        super().__init__(backbone)
+                 pred_hidden_dim: int | None = None, queue_size: int = 4096, temperature: float = 0.1,
+                 target_view: str | None = None):
+        super().__init__(backbone, target_view)
         if queue_size < 1: raise ConfigError(f"queue_size must be >= 1, got {queue_size}")
         hid = proj_hidden_dim or self.feat_dim
         self.temperature = temperature
@@ -249,9 +285,8 @@ class NNCLR(Method):
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
-    def forward(self, views, batch=None, target=None):
-        self._check(views, target)
-        online, tgt, pairs = self._branches(target)
+    def forward(self, views, batch=None, roles=None):
+        online, tgt, pairs = self._branches(self._check(views, roles))
         h, z, p = self._predict_and_project(views, online, tgt)
         loss = torch.stack([nnclr_loss(z[j], p[i], self.queue, self.temperature) for i, j in pairs]).mean()
         if self.training: self._pending = z[0].detach()
@@ -291,10 +326,13 @@ class DINO(Method):
                  head_layers: int = 3, norm_last_layer: bool = True, n_local: int = 0, student_temp: float = 0.1,
                  teacher_temp: float = 0.04, warmup_teacher_temp: float | None = None,
                  warmup_teacher_temp_steps: int = 0, center_momentum: float = 0.9, momentum: float = 0.996,
-                 momentum_schedule: str = "cosine", freeze_last_layer_steps: int = 0, use_bn_in_head: bool = False):
-        super().__init__(backbone)
+                 momentum_schedule: str = "cosine", freeze_last_layer_steps: int = 0, use_bn_in_head: bool = False,
+                 target_view: str | None = None):
+        super().__init__(backbone, target_view)
         self._check_schedule(momentum_schedule)
         if n_local < 0: raise ConfigError(f"n_local must be >= 0, got {n_local}")
+        if target_view is not None and n_local:
+            raise ConfigError("target_view is defined for two views; use target_view=None with multi-crop (n_local > 0)")
         self.num_views = 2 + n_local
         self.student_temp, self.teacher_temp, self.center_momentum = student_temp, teacher_temp, center_momentum
         self.warmup_teacher_temp, self.warmup_teacher_temp_steps = warmup_teacher_temp, warmup_teacher_temp_steps
@@ -327,13 +365,12 @@ class DINO(Method):
             if i is not None: run.append(i)
         return out
 
-    def _check(self, views, target):
-        super()._check(views, target)
-        if target is not None and self.num_views != 2:
-            raise ConfigError("target=j is defined for two views; use target=None with multi-crop (n_local > 0)")
+    def export_backbone(self) -> nn.Module:
+        "The teacher backbone: what DINO evaluates and reads attention from."
+        return self.teacher_backbone
 
-    def forward(self, views, batch=None, target=None):
-        self._check(views, target)
+    def forward(self, views, batch=None, roles=None):
+        target = self._check(views, roles)
         if target is None: student_idx, teacher_idx = range(len(views)), (0, 1)
         else: student_idx, teacher_idx = (1 - target,), (target,)
         freeze = self.training and int(self.step) < self.freeze_last_layer_steps
@@ -362,8 +399,8 @@ class MemoryBank(Method):
     name = "memory_bank"
     def __init__(self, backbone: nn.Module, num_samples: int | None = None, proj_hidden_dim: int | None = None,
                  proj_dim: int = 128, proj_layers: int = 2, temperature: float = 0.07, num_negatives: int = 4096,
-                 bank_momentum: float = 0.5):
-        super().__init__(backbone)
+                 bank_momentum: float = 0.5, target_view: str | None = None):
+        super().__init__(backbone, target_view)
         if not num_samples or num_samples < 2:
             raise ConfigError("memory_bank needs num_samples = the training-set size (>= 2), e.g. "
                               "build_method('memory_bank', backbone, num_samples=len(train_set))")
@@ -381,8 +418,8 @@ class MemoryBank(Method):
                               "(is num_samples the training-set size?)")
         return index
 
-    def forward(self, views, batch=None, target=None):
-        self._check(views, target)
+    def forward(self, views, batch=None, roles=None):
+        target = self._check(views, roles)
         index = self._index(batch, len(views[0]))
         online, tgt, _ = self._branches(target)
         h, z = {}, {}

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from .core import ConfigError, check_keys
 
 # %% auto #0
-__all__ = ['VIT_SIZES', 'BACKBONES', 'BasicBlock', 'Bottleneck', 'ResNet', 'default_patch_size', 'ViT', 'build_backbone', 'mlp',
-           'cosine_momentum', 'EMA', 'convert_sync_bn']
+__all__ = ['STEMS', 'VIT_SIZES', 'BACKBONES', 'BasicBlock', 'Bottleneck', 'ResNet', 'default_patch_size', 'ViT', 'build_backbone',
+           'mlp', 'cosine_momentum', 'EMA', 'convert_sync_bn']
 
 # %% ../nbs/04_models.ipynb #856386d7
 def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
@@ -55,28 +55,33 @@ class Bottleneck(nn.Module):
 
 # %% ../nbs/04_models.ipynb #2d4209e0
 _RESNET_LAYOUT = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3))}
+# input -> first-stage resolution: small 1x (3x3 s1), stride2 1/2 (3x3 s2, no max-pool; ours), imagenet 1/4 (7x7 s2 + max-pool)
+STEMS = ("small", "stride2", "imagenet")
 
 class ResNet(nn.Module):
     """ResNet backbone without the classifier: pooled features (B, 8*width*expansion) and, on request, the
     last-stage feature map."""
-    def __init__(self, depth: int = 18, width: int = 64, small_stem: bool = True, in_chans: int = 3,
-                 zero_init_residual: bool = False):
+    def __init__(self, depth: int = 18, width: int = 64, stem: str = "small", in_chans: int = 3,
+                 zero_init_residual: bool = False, last_stride: int = 2):
         super().__init__()
         if depth not in _RESNET_LAYOUT:
             raise ConfigError(f"ResNet depth {depth} not supported; valid depths are {sorted(_RESNET_LAYOUT)}")
         if width < 1: raise ConfigError(f"ResNet width must be a positive integer, got {width}")
         block, counts = _RESNET_LAYOUT[depth]
-        self.depth, self.width, self.small_stem = depth, width, small_stem
+        if stem not in STEMS: raise ConfigError(f"unknown ResNet stem {stem!r}; valid stems are: {', '.join(STEMS)}")
+        if last_stride not in (1, 2): raise ConfigError(f"last_stride must be 1 or 2, got {last_stride!r}")
+        self.depth, self.width, self.stem_kind, self.last_stride = depth, width, stem, last_stride
         self.name = f"resnet{depth}"
-        if small_stem: stem = [_conv(in_chans, width, 3, 1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-        else: stem = [_conv(in_chans, width, 7, 2), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                      nn.MaxPool2d(3, stride=2, padding=1)]
-        self.stem = nn.Sequential(*stem)
+        layers = {"small": [_conv(in_chans, width, 3, 1)], "stride2": [_conv(in_chans, width, 3, 2)],
+                  "imagenet": [_conv(in_chans, width, 7, 2)]}[stem] + [nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        if stem == "imagenet": layers.append(nn.MaxPool2d(3, stride=2, padding=1))
+        self.stem = nn.Sequential(*layers)
         stages, cin = [], width
         for i, n in enumerate(counts):
             planes, blocks = width * 2**i, []
             for j in range(n):
-                blocks.append(block(cin, planes, stride=2 if (i > 0 and j == 0) else 1))
+                stride = (last_stride if i == 3 else 2) if (i > 0 and j == 0) else 1
+                blocks.append(block(cin, planes, stride=stride))
                 cin = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -94,7 +99,8 @@ class ResNet(nn.Module):
         pooled = fmap.mean(dim=(2, 3))
         return (pooled, fmap) if return_map else pooled
 
-    def extra_repr(self) -> str: return f"depth={self.depth}, width={self.width}, small_stem={self.small_stem}"
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, width={self.width}, stem={self.stem_kind!r}, last_stride={self.last_stride}"
 
 # %% ../nbs/04_models.ipynb #ec906e24
 VIT_SIZES = {"tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -141,9 +147,10 @@ class ViT(nn.Module):
 
 # %% ../nbs/04_models.ipynb #07df6c14
 def _resnet_builder(depth):
-    def build(width: int = 64, small_stem: bool = True, in_chans: int = 3, zero_init_residual: bool = False):
-        return ResNet(depth, width=width, small_stem=small_stem, in_chans=in_chans,
-                      zero_init_residual=zero_init_residual)
+    def build(width: int = 64, stem: str = "small", in_chans: int = 3, zero_init_residual: bool = False,
+              last_stride: int = 2):
+        return ResNet(depth, width=width, stem=stem, in_chans=in_chans, zero_init_residual=zero_init_residual,
+                      last_stride=last_stride)
     return build
 
 def _vit_builder(size):
@@ -160,7 +167,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "vit": _vit_builder(None)}
 
 def build_backbone(name: str, **kw) -> nn.Module:
-    """Backbone by name: resnet18/34/50 (width, small_stem, in_chans, zero_init_residual) or vit_tiny/small/base,
+    """Backbone by name: resnet18/34/50 (width, stem, in_chans, zero_init_residual, last_stride) or vit_tiny/small/base,
     vit (img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate, in_chans)."""
     import inspect
     if name not in BACKBONES:

@@ -14,7 +14,9 @@ from typing import Any, Iterable, Sequence
 from .core import ConfigError, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # %% auto #0
-__all__ = ['mean_std', 'fmt_mean_std', 'Table', 'summarize', 'pivot', 'write_table', 'save_figure', 'plot_curves', 'image_grid',
+__all__ = ['COLLAPSE_S_NEG', 'COLLAPSE_S_GAP', 'COLLAPSE_UNIFORMITY', 'COLLAPSE_KNN_MARGIN', 'COLLAPSE_FLAGS', 'mean_std',
+           'fmt_mean_std', 't_quantile_975', 'ci95', 'fmt_ci95', 'collapse_flags', 'Table', 'summarize', 'pivot',
+           'paired_verdict', 'claim', 'verdict_table', 'write_table', 'save_figure', 'plot_curves', 'image_grid',
            'embedding_plot', 'write_meta', 'read_meta', 'build_index', 'write_index']
 
 # %% ../nbs/14_reports.ipynb #f4187a6d
@@ -30,17 +32,72 @@ def fmt_mean_std(values: Iterable[float], digits: int = 1, scale: float = 1.0) -
     if n == 0: return "–"
     return f"{m*scale:.{digits}f}" + (f" ± {s*scale:.{digits}f}" if n > 1 else "")
 
+# %% ../nbs/14_reports.ipynb #3844f269
+# t(0.975, df) for df = 1..30: two-sided 95% quantiles of Student's t (verified to 3 decimals with mpmath).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_Z975 = 1.959963984540054  # the normal 0.975 quantile
+
+def t_quantile_975(df: int) -> float:
+    "The 0.975 quantile of Student's t with `df` degrees of freedom (NaN for df < 1)."
+    if df < 1: return math.nan
+    if df <= len(_T975): return _T975[df - 1]
+    z = _Z975   # Fisher's expansion in 1/df: at df > 30 the first three terms are exact to 1e-4
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+def ci95(values: Iterable[float]) -> tuple[float, float, int]:
+    "Mean, 95% confidence half-width of the mean (Student t; NaN for fewer than two values) and count of the finite `values`."
+    m, s, n = mean_std(values)
+    return m, (t_quantile_975(n - 1) * s / math.sqrt(n) if n > 1 else math.nan), n
+
+def fmt_ci95(values: Iterable[float], digits: int = 1, scale: float = 1.0) -> str:
+    "`'± 1.2'` (the 95% half-width of the mean), `'–'` with fewer than two values."
+    m, h, n = ci95(values)
+    return f"± {h*scale:.{digits}f}" if n > 1 else "–"
+
+
+# %% ../nbs/14_reports.ipynb #d6c699c8
+# Negatives this similar (mean cosine > 0.9) and no more than 0.05 below the positives: all embeddings point one way.
+COLLAPSE_S_NEG = 0.9
+COLLAPSE_S_GAP = 0.05
+# Uniformity above -0.3 means E exp(-2‖z_i - z_j‖²) > 0.74, i.e. a typical pair at cosine > 0.92 (healthy runs: -2 to -4).
+COLLAPSE_UNIFORMITY = -0.3
+# kNN top-1 less than 2 points above chance (100 / classes %): the features carry no class information.
+COLLAPSE_KNN_MARGIN = 2.0
+COLLAPSE_FLAGS = ("s_neg→s_pos", "uniformity→0", "kNN at chance")   # every flag, in the order reported
+
+def _num(row: dict, key: str) -> float | None:
+    v = row.get(key)
+    if v is None or isinstance(v, bool): return None
+    try: v = float(v)
+    except (TypeError, ValueError): return None
+    return v if math.isfinite(v) else None
+
+def collapse_flags(row: dict, num_classes: int | None = None) -> list[str]:
+    """Collapse symptoms in one training run's last-epoch metrics (`s_pos`, `s_neg`, `uniformity`, `knn_top1` in %);
+    [] if none, and for reference rows (`row["reference"]` true: chance, random init, supervised)."""
+    flags = []
+    if row.get("reference"): return flags
+    s_pos, s_neg, unif, knn = (_num(row, k) for k in ("s_pos", "s_neg", "uniformity", "knn_top1"))
+    if s_pos is not None and s_neg is not None and s_neg > COLLAPSE_S_NEG and s_pos - s_neg < COLLAPSE_S_GAP:
+        flags.append("s_neg→s_pos")
+    if unif is not None and unif > COLLAPSE_UNIFORMITY: flags.append("uniformity→0")
+    if knn is not None and num_classes and knn < 100.0 / num_classes + COLLAPSE_KNN_MARGIN: flags.append("kNN at chance")
+    return flags
+
+
 # %% ../nbs/14_reports.ipynb #ecf05576
 class Table:
     "Rows of display strings (markdown) plus raw rows (CSV)."
     def __init__(self, rows: list[dict], columns: Sequence[str] | None = None, caption: str = "",
-                 raw: list[dict] | None = None):
+                 raw: list[dict] | None = None, headers: dict | None = None):
         self.rows, self.caption, self.raw = rows, caption, raw if raw is not None else rows
         self.columns = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
+        self.headers = dict(headers or {})   # column key -> markdown header, where they differ
 
     def to_markdown(self) -> str:
         esc = lambda x: str("" if x is None else x).replace("|", "\\|").replace("\n", " ")
-        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines = ["| " + " | ".join(esc(self.headers.get(c, c)) for c in self.columns) + " |", "|" + "---|" * len(self.columns)]
         lines += ["| " + " | ".join(esc(r.get(c)) for c in self.columns) + " |" for r in self.rows]
         return (f"{self.caption}\n\n" if self.caption else "") + "\n".join(lines) + "\n"
 
@@ -68,22 +125,35 @@ def _fmt_time(s) -> str:
     if s is None: return "–"
     return f"{s:.0f} s" if s < 120 else f"{s/60:.1f} min" if s < 7200 else f"{s/3600:.1f} h"
 
+def _collapse_summary(rs: list[dict], num_classes: int | None) -> str:
+    "`'uniformity→0 (3/3); kNN at chance (1/3)'`: each flag with the number of runs it marks; '' if none."
+    counts: dict[str, int] = {}
+    for r in rs:
+        for f in collapse_flags(r, num_classes): counts[f] = counts.get(f, 0) + 1
+    return "; ".join(f"{f} ({counts[f]}/{len(rs)})" for f in COLLAPSE_FLAGS if f in counts)
+
 def summarize(rows: list[dict], by: str | Sequence[str] = "arm", metrics: Sequence[str] = ("linear_top1", "knn_top1"),
               digits: int = 1, scale: float = 1.0, cost: bool = True, caption: str = "",
-              labels: dict | None = None) -> Table:
-    "One line per group of `rows` (per-run dicts): each metric as mean ± std over runs, seeds, cost."
+              labels: dict | None = None, collapse: bool = False, num_classes: int | None = None) -> Table:
+    "One line per group of `rows` (per-run dicts): each metric as mean ± std and 95% CI over runs, seeds, [collapse], cost."
     by = [by] if isinstance(by, str) else list(by)
     labels = labels or {}
     groups: dict[tuple, list[dict]] = {}
     for r in rows: groups.setdefault(tuple(r.get(b) for b in by), []).append(r)
-    disp, raw = [], []
+    disp, raw, headers = [], [], {}
+    scaled_or_none = lambda x: None if math.isnan(x) else x * scale
     for key, rs in groups.items():
         d = dict(zip(by, key)); w = dict(d)
         for m in metrics:
-            mu, sd, n = mean_std(r.get(m) for r in rs)
-            d[labels.get(m, m)] = fmt_mean_std([r.get(m) for r in rs], digits, scale)
-            w[f"{m}_mean"], w[f"{m}_std"] = (None if math.isnan(mu) else mu * scale), (None if math.isnan(sd) else sd * scale)
+            vals = [r.get(m) for r in rs]
+            (mu, sd, n), (_, half, _) = mean_std(vals), ci95(vals)
+            label = labels.get(m, m)
+            d[label] = fmt_mean_std(vals, digits, scale)
+            d[f"{label} 95% CI"] = fmt_ci95(vals, digits, scale); headers[f"{label} 95% CI"] = "95% CI"
+            w[f"{m}_mean"], w[f"{m}_std"], w[f"{m}_ci95"] = scaled_or_none(mu), scaled_or_none(sd), scaled_or_none(half)
         d["seeds"] = w["seeds"] = len(rs)
+        if collapse:
+            w["collapse"] = _collapse_summary(rs, num_classes); d["collapse"] = w["collapse"] or "–"
         if cost:
             c = _fmt_cost(rs)
             d["time / run"] = _fmt_time(c["wall_s"])
@@ -91,7 +161,7 @@ def summarize(rows: list[dict], by: str | Sequence[str] = "arm", metrics: Sequen
             d["device"] = c["device"] or "–"
             w.update(c)
         disp.append(d); raw.append(w)
-    return Table(disp, caption=caption, raw=raw)
+    return Table(disp, caption=caption, raw=raw, headers=headers)
 
 # %% ../nbs/14_reports.ipynb #476b07d7
 def pivot(rows: list[dict], index: str, columns: str, metric: str, digits: int = 1, scale: float = 1.0,
@@ -103,9 +173,10 @@ def pivot(rows: list[dict], index: str, columns: str, metric: str, digits: int =
         d, w = {index: rk}, {index: rk}
         for ck in ckeys:
             vals = [r.get(metric) for r in rows if r.get(index) == rk and r.get(columns) == ck]
-            mu, sd, n = mean_std(vals)
+            (mu, sd, n), half = mean_std(vals), ci95(vals)[1]
             d[str(ck)] = fmt_mean_std(vals, digits, scale)
-            w[f"{ck}_mean"], w[f"{ck}_std"], w[f"{ck}_n"] = (None if n == 0 else mu * scale), (None if n < 2 else sd * scale), n
+            w[f"{ck}_mean"], w[f"{ck}_std"] = (None if n == 0 else mu * scale), (None if n < 2 else sd * scale)
+            w[f"{ck}_ci95"], w[f"{ck}_n"] = (None if n < 2 else half * scale), n
         extra = []
         if cost and any(r.get("cost") for r in rows):
             c = _fmt_cost([r for r in rows if r.get(index) == rk])
@@ -116,6 +187,52 @@ def pivot(rows: list[dict], index: str, columns: str, metric: str, digits: int =
     cols = [index] + [str(c) for c in ckeys]
     cols += [k for k in dict.fromkeys(k for r in disp for k in r) if k not in cols]
     return Table(disp, cols, caption=caption, raw=raw)
+
+# %% ../nbs/14_reports.ipynb #180b8c40
+def paired_verdict(a: dict[int, float], b: dict[int, float], margin: float, min_seeds: int = 3) -> dict:
+    "Verdict on 'A exceeds B by more than `margin`' from the paired 95% t-interval of A - B over their shared seeds."
+    if not margin >= 0: raise ValueError(f"margin must be >= 0, got {margin!r}")
+    fin = lambda x: x is not None and math.isfinite(float(x))
+    seeds = sorted(s for s in a if s in b and fin(a[s]) and fin(b[s]))
+    mean, half, n = ci95([float(a[s]) - float(b[s]) for s in seeds])
+    lo, hi = mean - half, mean + half
+    if n < max(min_seeds, 2): verdict = "not tested"
+    elif lo > margin: verdict = "supported"
+    elif hi < -margin: verdict = "contradicted"
+    else: verdict = "inconclusive"
+    return {"verdict": verdict, "n": n, "mean_diff": mean, "ci_low": lo, "ci_high": hi, "margin": margin, "seeds": seeds}
+
+
+# %% ../nbs/14_reports.ipynb #609c794e
+def claim(rows: list[dict], a: str, b: str, metric: str, margin: float, text: str, primary: bool = False,
+          min_seeds: int = 3, by: str = "arm") -> dict:
+    "The `paired_verdict` of arm `a` against arm `b` on `metric`, from per-run rows (keys `by`, 'seed', `metric`)."
+    def per_seed(arm):
+        vals = {}
+        for r in rows:
+            if r.get(by) != arm: continue
+            if r.get("seed") in vals: raise ValueError(f"{by}={arm!r} has seed {r.get('seed')!r} twice: pair on one row per seed")
+            vals[r.get("seed")] = r.get(metric)
+        return vals
+    return {"claim": text, "a": a, "b": b, "metric": metric, "primary": primary,
+            **paired_verdict(per_seed(a), per_seed(b), margin, min_seeds)}
+
+def verdict_table(claims: list[dict], digits: int = 1, scale: float = 1.0, caption: str = "") -> Table:
+    "One line per claim (from `claim`): arms, paired seeds, mean difference A - B, its 95% CI, margin, verdict."
+    num = lambda x: None if x is None or not math.isfinite(x) else x * scale
+    disp, raw = [], []
+    for c in claims:
+        lo, hi, md = num(c["ci_low"]), num(c["ci_high"]), num(c["mean_diff"])
+        analysis = "primary" if c.get("primary") else "exploratory"
+        disp.append({"claim": c["claim"], "A": c["a"], "B": c["b"], "metric": c.get("metric", "–"), "n": c["n"],
+                     "mean diff (A − B)": "–" if md is None else f"{md:+.{digits}f}",
+                     "95% CI": "–" if lo is None else f"[{lo:+.{digits}f}, {hi:+.{digits}f}]",
+                     "margin δ": f"{c['margin'] * scale:.{digits}f}", "verdict": c["verdict"], "analysis": analysis})
+        raw.append({"claim": c["claim"], "a": c["a"], "b": c["b"], "metric": c.get("metric"), "n": c["n"],
+                    "mean_diff": md, "ci_low": lo, "ci_high": hi, "margin": c["margin"] * scale, "verdict": c["verdict"],
+                    "analysis": analysis, "seeds": " ".join(str(s) for s in c["seeds"])})
+    return Table(disp, caption=caption, raw=raw)
+
 
 # %% ../nbs/14_reports.ipynb #ab8aab9e
 def write_table(table: Table, out_dir: str | os.PathLike, name: str) -> dict:
@@ -215,7 +332,8 @@ def build_index(reports_dir: str | os.PathLike, header: dict | None = None, ids:
     dirs.sort(key=lambda d: _exp_sort_key(d.name))
     lines = ["# attnssl reports", "",
              "Generated by `attnssl reproduce`. Each section below was produced by the executed notebook it links; "
-             "numbers are mean ± std over seeds where more than one seed ran.", ""]
+             "numbers are mean ± std over seeds, and the 95% confidence half-width of the mean, where more than one "
+             "seed ran.", ""]
     if header:
         lines += ["| | |", "|---|---|"] + [f"| {k} | {str(v).replace('|', '/')} |" for k, v in header.items()] + [""]
     lines += ["| experiment | title | status | time | profile | commit | date |", "|---|---|---|---|---|---|---|"]

@@ -47,7 +47,6 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
-    target: int | None = None        # passed to method.forward (which view feeds the target branch)
     online_probe: bool = True        # linear probe on detached h0 (labelled samples only)
     probe_lr: float = 1e-3
     knn_every: int = 1               # kNN monitor every k epochs (and at the last) when eval sets are given
@@ -230,7 +229,15 @@ class Trainer:
         self.probe = None
         if c.online_probe and getattr(self.train_set, "num_classes", 0) and hasattr(self.method, "encode"):
             self.probe = OnlineProbe(self._feature_dim(), self.train_set.num_classes, lr=c.probe_lr, seed=c.seed).to(self.device)
+        check = getattr(self.method, "check_roles", None)
+        if check is not None:                       # every epoch's views against the method: fail before step 1
+            for roles in dict.fromkeys(self.view_roles(e) for e in range(c.epochs)): check(roles)
         self._setup_done = True
+
+    def view_roles(self, epoch: int) -> tuple[str, ...] | None:
+        "What each view of `epoch` is, from the view generator (`view_roles(epoch)`); None if it does not say."
+        fn = getattr(self.views, "view_roles", None)
+        return tuple(fn(epoch)) if callable(fn) else None
 
     def _amp_dtype(self):
         p, dev = self.config.precision, self.device
@@ -345,12 +352,13 @@ class Trainer:
         meter, probe = _Meter(), _Meter()
         t0, n_seen = time.perf_counter(), 0
         loader, bar = self._progress(self._loader(epoch), epoch)
+        roles = self.view_roles(epoch)
         for i, batch in enumerate(loader):
             batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             views = self.views(batch, epoch)
             if self.channels_last: views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             with self._autocast():
-                out = self.method(views, batch, target=c.target)
+                out = self.method(views, batch, roles=roles)
             loss = out["loss"]
             if not torch.isfinite(loss.detach()).item():
                 where = f"epoch {epoch} (0-based), step {i} of the epoch (global step {self.step})"
@@ -369,8 +377,9 @@ class Trainer:
             self.step += 1
             bs = views[0].shape[0]; n_seen += bs * self.world_size
             meter.add("loss", loss, bs)
+            meter.add("loss_method", out.get("loss_method", loss), bs)   # the method's own loss, without added terms
             for k, v in out.items():
-                if k not in ("loss", "z", "h0") and (isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)):
+                if k not in ("loss", "loss_method", "z", "h0") and (isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)):
                     meter.add(k, v, bs)
             z = out.get("z")
             if z is not None and len(z) and len(z[0]) >= 2:  # the loss function of attnssl.losses, without a graph
@@ -383,7 +392,8 @@ class Trainer:
         if dev.type == "cuda": torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         m = {"epoch": epoch, "step": self.step, **meter.means(), **probe.means()}
-        if self.world_size > 1: m["loss"] = float(D.all_reduce_mean(torch.tensor(m["loss"], device=dev)))
+        if self.world_size > 1:
+            for k in ("loss", "loss_method"): m[k] = float(D.all_reduce_mean(torch.tensor(m[k], device=dev)))
         m.update(lr=last_lr, epoch_time=dt, samples_per_s=n_seen / max(dt, 1e-9))
         if hasattr(self.views, "diagnostics"):
             m.update({f"views/{k}": v for k, v in self.views.diagnostics().items()})

@@ -25,9 +25,14 @@ __all__ = ['VIEWS', 'AUGMENTS', 'ViewGenerator', 'TwoCropViews', 'MultiCropViews
 
 # %% ../nbs/11_views.ipynb #bf22b4d0
 class ViewGenerator:
-    "Base class: turns a batch dict into `num_views` normalised float views."
+    "Base class: turns a batch dict into `num_views` normalised float views, each with a role (`view_roles`)."
     num_views: int = 2
     track_masks: bool = True
+    roles: tuple[str, ...] | None = ("augmented", "augmented")   # one per view, from methods.VIEW_ROLES
+
+    def view_roles(self, epoch: int = 0) -> tuple[str, ...]:
+        "What each view of `epoch` is: one role per view (`augmented`, `attention` or `local`)."
+        return tuple(self.roles)
 
     def __call__(self, batch: dict, epoch: int = 0) -> list[Tensor]:
         return self.generate(batch, epoch)[0]
@@ -115,6 +120,7 @@ class MultiCropViews(ViewGenerator):
         self.globals, self.local, self.normalize = _pair(global_augment), local_augment, normalize
         self.n_local, self.track_masks = int(n_local), track_masks
         self.num_views = 2 + self.n_local
+        self.roles = ("augmented",) * 2 + ("local",) * self.n_local
 
     def _modules(self): return [*self.globals, self.local, self.normalize]
 
@@ -132,6 +138,7 @@ class AttentionViews(ViewGenerator):
     """The thesis's method: `views[0] = T_aug(x)`, `views[1] = T_light(x * m)` with `m` from cached attention maps
     (`mode` soft | hard | full), optionally randomly cropped (`crop=(lo, hi)`)."""
     MODES, FILLS = ("soft", "hard", "full"), ("zero", "mean")
+    roles = ("augmented", "attention")     # mode="full" too: the control takes the attention view's place
 
     def __init__(self, augment: nn.Module, light: nn.Module, normalize: nn.Module, cache=None, mode: str = "soft",
                  s: float = 2.0, gamma: float = 1.0, beta: float = 0.0, t: float = 0.6, fill: str = "zero",
@@ -308,6 +315,7 @@ class IntervalViews(ViewGenerator):
         if warmup_epochs < 0 or every < 1: raise ConfigError(f"need warmup_epochs >= 0 and every >= 1, got {warmup_epochs}, {every}")
         self.base, self.views, self.warmup_epochs, self.every = base, views, warmup_epochs, every
         self.num_views, self._epoch = base.num_views, 0
+        self.roles = None                                  # they change with the epoch: use view_roles(epoch)
 
     def uses_views(self, epoch: int) -> bool:
         "True on the epochs that use `views` rather than `base`."
@@ -316,6 +324,8 @@ class IntervalViews(ViewGenerator):
     def active(self, epoch: int) -> ViewGenerator: return self.views if self.uses_views(epoch) else self.base
 
     def generate(self, batch, epoch=0): return self.active(epoch).generate(batch, epoch)
+
+    def view_roles(self, epoch: int = 0) -> tuple[str, ...]: return self.active(epoch).view_roles(epoch)
 
     def on_epoch_start(self, epoch: int, trainer=None) -> None:
         self._epoch = epoch
@@ -348,11 +358,17 @@ def _augment_pair(kind: str, size: int, crop_scale) -> tuple:
     a = simclr_augment(size, scale=tuple(crop_scale))
     return (a, a)
 
+def _image_side(dataset) -> int:
+    "The side (H) in pixels of the dataset's images: `image_size` ((H, W) by convention, or an int), else item 0."
+    size = getattr(dataset, "image_size", None)
+    if size is None: size = tuple(dataset[0]["image"].shape[-2:])
+    return int(size) if isinstance(size, int) else int(tuple(size)[0])
+
 def build_views(name: str, dataset, **kw) -> ViewGenerator:
     "A view generator by name (see `VIEWS`), configured from `dataset` (image size, mean/std, length) and options."
     if name not in _OPTIONS: raise ConfigError(f"unknown view generator {name!r}; valid names are: {', '.join(VIEWS)}")
     check_keys(kw, _OPTIONS[name], f"{name} option")
-    image_size = int((getattr(dataset, "image_size", None) or dataset[0]["image"].shape[-2:])[0])
+    image_size = _image_side(dataset)
     size = int(kw.pop("size", None) or image_size)
     normalize = Normalize(tuple(dataset.mean), tuple(dataset.std))
     track = kw.pop("track_masks", True)

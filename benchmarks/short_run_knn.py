@@ -52,7 +52,7 @@ def run(a) -> dict:
     train_set = ClutterShapes("train", num_images=a.images, **data)
     test_set = ClutterShapes("test", num_images=1000, **data)
     if a.backbone: backbone = build_backbone(**a.backbone)
-    else: backbone = build_backbone("resnet18", width=a.width, small_stem=True)
+    else: backbone = build_backbone("resnet18", width=a.width, stem="small")
     at_init = knn_top1(backbone, train_set, test_set)
     hparams = dict(a.hparams)
     if a.method == "memory_bank": hparams.setdefault("num_samples", len(train_set))
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--backbone", type=j, default=None,
-                   help='build_backbone arguments (JSON) replacing the default encoder, e.g. \'{"name": "resnet18", "width": 8, "small_stem": true}\'')
+                   help='build_backbone arguments (JSON) replacing the default encoder, e.g. \'{"name": "resnet18", "width": 8, "stem": "small"}\'')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--knn-every", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)

@@ -38,7 +38,7 @@ def sync(device: torch.device):
 def method_throughput(method: str, width: int, ds, a, device) -> float:
     "Images/s of the last of `a.epochs` epochs of `Trainer.fit` (the first warms up)."
     torch.manual_seed(0)
-    backbone = build_backbone("resnet18", width=width, small_stem=True)
+    backbone = build_backbone("resnet18", width=width, stem="small")
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, optimizer="adamw", lr=2e-3, weight_decay=1e-6,
                       device=str(device), progress=False)
     extra = {"num_samples": len(ds)} if method == "memory_bank" else {}   # the bank holds one row per image
@@ -48,7 +48,7 @@ def method_throughput(method: str, width: int, ds, a, device) -> float:
 def supervised_throughput(width: int, ds, a, device) -> float:
     "Images/s of a plain supervised step (median of `a.epochs - 1` timed passes after one warm-up pass)."
     torch.manual_seed(0)
-    backbone = build_backbone("resnet18", width=width, small_stem=True).to(device)
+    backbone = build_backbone("resnet18", width=width, stem="small").to(device)
     head = nn.Linear(backbone.out_dim, int(ds.labels.max()) + 1).to(device)
     opt = torch.optim.AdamW([*backbone.parameters(), *head.parameters()], lr=2e-3, weight_decay=1e-6)
     norm = Normalize(tuple(ds.mean), tuple(ds.std))

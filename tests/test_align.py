@@ -1,5 +1,5 @@
-"""WithAlign: lam=0 reproduces the method, stop-gradient on the target side, symmetric gradient both ways,
-every two-view method trains with it, and it keeps the Method interface (attributes, checkpoints, trainer)."""
+"""WithAlign: lam=0 reproduces the method, the target is a view role (not a position), stop-gradient on the
+target side, symmetric gradient both ways, every two-view method trains with it, and it keeps the Method interface (attributes, checkpoints, trainer)."""
 import pytest
 import torch
 import torch.nn as nn
@@ -16,7 +16,10 @@ SMALL = {"simclr": {}, "moco_v2": {"queue_size": 64}, "byol": {}, "simsiam": {}}
 
 def _method(name, seed=0):
     torch.manual_seed(seed)
-    return build_method(name, build_backbone("resnet18", width=4, small_stem=True), **SMALL[name])
+    return build_method(name, build_backbone("resnet18", width=4, stem="small"), **SMALL[name])
+
+
+ROLES = ("augmented", "attention")          # the attention views' roles
 
 
 def _views(n=8, size=16, seed=0):
@@ -29,7 +32,7 @@ class _Linear(nn.Module):
     name, num_views = "linear", 2
     def __init__(self):
         super().__init__(); self.backbone = nn.Linear(12, 6)
-    def forward(self, views, batch=None, target=None):
+    def forward(self, views, batch=None, roles=None):
         z = [self.backbone(v.flatten(1)) for v in views]
         return {"loss": 0.0 * (z[0].sum() + z[1].sum()), "z": z, "h0": z[0].detach(), "p_pos": torch.tensor(0.75)}
 
@@ -39,8 +42,8 @@ class _Linear(nn.Module):
 def test_lam_zero_reproduces_the_method(name, target):
     m = _method(name)
     views, batch = _views()
-    torch.manual_seed(1); ref = m(views, batch, target=ALIGN_TARGETS[target])
-    torch.manual_seed(1); out = WithAlign(m, lam=0.0, target=target)(views, batch)
+    torch.manual_seed(1); ref = m(views, batch, roles=ROLES)          # the method's own (symmetric) loss
+    torch.manual_seed(1); out = WithAlign(m, lam=0.0, target=target)(views, batch, roles=ROLES)
     assert torch.equal(out["loss"], ref["loss"])
     assert torch.equal(out["loss_method"], ref["loss"].detach())
     for k in ("p_pos", "s_pos", "s_neg"):
@@ -51,21 +54,23 @@ def test_lam_zero_reproduces_the_method(name, target):
 def test_align_term_value_and_weight():
     m = _Linear()
     views, batch = _views(size=2)
-    out = WithAlign(m, lam=2.5)(views, batch)
+    out = WithAlign(m, lam=2.5)(views, batch, roles=ROLES)
     z = m(views)["z"]
     ref = (2 - 2 * F.cosine_similarity(z[0], z[1])).mean()
     assert torch.allclose(out["align"], ref, atol=1e-6) and torch.allclose(out["loss"], 2.5 * ref, atol=1e-5)
     assert out["grad_share"] == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("target,grad0,grad1", [("attention", True, False), ("augmented", False, True),
-                                                ("symmetric", True, True)])
-def test_stop_gradient_on_the_target_side(target, grad0, grad1):
+@pytest.mark.parametrize("target,grad_aug,grad_att", [("attention", True, False), ("augmented", False, True),
+                                                     ("symmetric", True, True)])
+@pytest.mark.parametrize("roles", [ROLES, ROLES[::-1]])
+def test_stop_gradient_on_the_target_side(target, grad_aug, grad_att, roles):
+    "The roles decide which view is the target, wherever it sits in the list."
     views, batch = _views(size=2)
     views = [v.requires_grad_(True) for v in views]
-    WithAlign(_Linear(), lam=1.0, target=target)(views, batch)["loss"].backward()
-    assert (views[0].grad.abs().sum() > 0) == grad0
-    assert (views[1].grad.abs().sum() > 0) == grad1
+    WithAlign(_Linear(), lam=1.0, target=target)(views, batch, roles=roles)["loss"].backward()
+    got = {r: bool(v.grad.abs().sum() > 0) for r, v in zip(roles, views)}
+    assert got == {"augmented": grad_aug, "attention": grad_att}
 
 
 def test_symmetric_gives_each_view_its_online_gradient():
@@ -75,7 +80,7 @@ def test_symmetric_gives_each_view_its_online_gradient():
     grads = {}
     for target in ALIGN_TARGETS:
         vs = [v.clone().requires_grad_(True) for v in views]
-        WithAlign(m, target=target)(vs, batch)["loss"].backward()
+        WithAlign(m, target=target)(vs, batch, roles=ROLES)["loss"].backward()
         grads[target] = [v.grad for v in vs]
     assert torch.allclose(grads["symmetric"][0], grads["attention"][0], atol=1e-6)
     assert torch.allclose(grads["symmetric"][1], grads["augmented"][1], atol=1e-6)
@@ -92,7 +97,7 @@ def test_every_method_trains_with_align(name):
         m.train()
         opt = torch.optim.SGD(m.parameters(), lr=0.05)
         views, batch = _views()
-        out = m(views, batch)
+        out = m(views, batch, roles=ROLES)
         assert torch.isfinite(out["loss"]) and out["align"] >= 0 and {"p_pos", "s_pos", "s_neg", "h0"} <= set(out)
         opt.zero_grad(); out["loss"].backward()
         grads = [p.grad for p in m.backbone.parameters() if p.grad is not None]
@@ -117,8 +122,11 @@ def test_bad_options_name_the_fix():
     with pytest.raises(ConfigError, match="attention, augmented, symmetric"): WithAlign(_Linear(), target="key")
     with pytest.raises(ConfigError, match="lam"): WithAlign(_Linear(), lam=-1)
     views, batch = _views(size=2)
-    with pytest.raises(ConfigError, match="leave the trainer's target"): WithAlign(_Linear())(views, batch, target=0)
-    assert WithAlign(_Linear())(views, batch, target=1)["loss"].ndim == 0     # an agreeing target is fine
+    with pytest.raises(ConfigError, match="no roles were given"): WithAlign(_Linear())(views, batch)
+    with pytest.raises(ConfigError, match="exactly one of the two views"):   # two random crops: no attention view
+        WithAlign(_Linear())(views, batch, roles=("augmented", "augmented"))
+    assert WithAlign(_Linear(), target="symmetric")(views, batch, roles=("augmented", "augmented"))["loss"].ndim == 0
+    with pytest.raises(TypeError): WithAlign(_Linear())(views, batch, target=1)   # the index knob is gone
 
 
 def test_trainer_runs_align_with_attention_views(tmp_path):
@@ -134,4 +142,17 @@ def test_trainer_runs_align_with_attention_views(tmp_path):
     final = Trainer(method, views, ds, cfg).fit()
     import json
     rows = [json.loads(l) for l in (tmp_path/"metrics.jsonl").read_text().splitlines()]
-    assert rows and {"loss", "align", "p_pos", "views/kept"} <= set(rows[-1])
+    assert rows and {"loss", "loss_method", "align", "p_pos", "views/kept"} <= set(rows[-1])
+    assert rows[-1]["loss"] > rows[-1]["loss_method"]              # loss = loss_method + lam * align
+
+
+def test_trainer_rejects_align_target_missing_from_the_views():
+    "An align target 'attention' with two random crops fails in setup, before any step."
+    from attnssl.synthetic import ClutterShapes
+    from attnssl.train import Trainer, TrainConfig
+    from attnssl.views import build_views
+    ds = ClutterShapes(num_images=32, image_size=16, seed=0)
+    cfg = TrainConfig(epochs=1, batch_size=16, device="cpu", online_probe=False, progress=False)
+    trainer = Trainer(with_align(_method("simclr"), lam=1.0), build_views("two_crop", ds), ds, cfg)
+    with pytest.raises(ConfigError, match="exactly one of the two views"): trainer.fit()
+    assert trainer.step == 0

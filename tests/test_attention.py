@@ -342,3 +342,55 @@ def test_minmax_normalisation_option():
     assert torch.allclose(soft_mask(raw, 1, 1, 0, norm="minmax"), m)
     assert map_diagnostics(raw, norm="minmax")["kept"] < map_diagnostics(raw)["kept"]
     with pytest.raises(ConfigError, match="minmax"): postprocess(raw, norm="median")
+
+
+def test_sources_that_need_an_input_say_which():
+    "A name alone cannot build 'dino_vit' (needs the dataset) and the like: a ConfigError names the option."
+    from attnssl.views import build_views
+    with pytest.raises(ConfigError, match=r"'dino_vit' needs dataset="): build_attention_source("dino_vit")
+    with pytest.raises(ConfigError, match=r"needs encoder="): build_attention_source("feature_norm")
+    with pytest.raises(ConfigError, match=r"needs model="): build_attention_source("vit")
+    with pytest.raises(ConfigError, match=r"build_attention_source\('dino_vit', dataset=\.\.\.\)"):
+        build_views("attention", ToyData(n=4), source="dino_vit")
+
+
+def test_train_dino_vit_keeps_the_teacher(monkeypatch, tmp_path):
+    "The library's DINO ViT and the method's export_backbone() are the teacher, not the student."
+    from attnssl.attention import _teacher_backbone
+    from attnssl.methods import build_method
+    from attnssl.models import build_backbone
+    dino = build_method("dino", build_backbone("vit", embed_dim=16, depth=1, num_heads=2, img_size=16),
+                        out_dim=16, hidden_dim=16, bottleneck_dim=8)
+    assert _teacher_backbone(dino) is dino.export_backbone() is dino.teacher_backbone
+
+
+def _write_image_folder(root, classes=("cat", "dog"), n=6, size=32, seed=0):
+    "The official ImageFolder layout: one subfolder of PNGs per class."
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            img = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+            img[8:24, 8:24, k] = 230                                    # a coloured square: the "object"
+            Image.fromarray(img).save(root / c / f"{i}.png")
+
+
+def test_e0_template_runs_on_a_dataset_without_masks(tmp_path, monkeypatch):
+    "E0 on an image folder (no object masks): IoU reads 'n/a (no masks)', no oracle / centre-prior rows."
+    import papermill as pm
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    for split in ("train", "test"): _write_image_folder(tmp_path/"data"/split, seed=len(split))
+    monkeypatch.setenv("ATTNSSL_RUNS", str(tmp_path/"runs"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path/"E0"; out.mkdir()
+    params = dict(out_dir=str(out), dataset="imagefolder", data_root=str(tmp_path/"data"), batch_size=6, device="cpu",
+                  vit_configs=[["vit_tiny", 8, 1]], vit_epochs_list=[1], iou_images=8, n_show=2, knn_k=5)
+    params["num_val_images"] = 2     # the template's val split, carved from 12 training images
+    pm.execute_notebook(str(root/"nbs"/"experiments"/"E0_vit_configuration.ipynb"), str(out/"E0.ipynb"),
+                        parameters=params, kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    table = (out/"E0_vit_attention.md").read_text()
+    assert "n/a (no masks)" in table and "oracle" not in table and "centre prior" not in table
+    assert (out/"E0_attention_maps.png").exists()

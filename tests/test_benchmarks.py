@@ -31,7 +31,7 @@ def test_short_run_knn_rejects_unknown_hyperparameter(tmp_path):
 
 def test_short_run_knn_backbone_override(tmp_path):
     "--backbone replaces the default encoder (here DINO on a tiny ResNet) and is recorded in the line."
-    backbone = {"name": "resnet18", "width": 2, "small_stem": True}
+    backbone = {"name": "resnet18", "width": 2, "stem": "small"}
     row = load().main(["--method", "dino", "--epochs", "1", "--images", "32", "--backbone", json.dumps(backbone),
                        "--hparams", '{"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8, "n_local": 2}',
                        "--train", '{"batch_size": 16}', "--out", str(tmp_path / "x.jsonl")])

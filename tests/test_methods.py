@@ -1,4 +1,4 @@
-"""Methods: forward/backward, target branches get no gradient, EMA / queue / bank / centre updates,
+"""Methods: forward/backward, target branches (the view named by `target_view`) get no gradient, roles, EMA / queue / bank / centre updates,
 state_dict round trips, build_method errors."""
 import math
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from attnssl.core import ConfigError
-from attnssl.methods import (BYOL, DINO, METHODS, MemoryBank, MoCoV1, MoCoV2, NNCLR, SimCLR, SimSiam,
-                             build_method, fifo_enqueue_, method_hparams)
+from attnssl.methods import (BYOL, DINO, METHODS, MemoryBank, MoCoV1, MoCoV2, NNCLR, SimCLR, SimSiam, VIEW_ROLES,
+                             build_method, fifo_enqueue_, method_hparams, role_index)
 from attnssl.models import build_backbone, cosine_momentum
 
 torch.set_num_threads(1)
@@ -18,6 +18,7 @@ KW = {"memory_bank": dict(num_samples=N, num_negatives=16), "moco_v1": dict(queu
       "moco_v2": dict(queue_size=32), "nnclr": dict(queue_size=32),
       "dino": dict(out_dim=64, hidden_dim=32, bottleneck_dim=16)}
 TARGET_PREFIX = {"moco_v1": "key_", "moco_v2": "key_", "byol": "target_", "dino": "teacher_"}
+ROLES = ("augmented", "attention")   # the attention views' roles
 
 
 def backbone():
@@ -54,11 +55,14 @@ def test_forward_backward_contract(name):
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(METHODS) if n != "simclr"])
-@pytest.mark.parametrize("target", [0, 1])
-def test_target_view_gets_no_gradient(name, target):
-    m = make(name)
+@pytest.mark.parametrize("target_view", ["augmented", "attention"])
+@pytest.mark.parametrize("roles", [ROLES, ROLES[::-1]])
+def test_target_view_gets_no_gradient(name, target_view, roles):
+    "The view whose role is `target_view` feeds only the target branch, wherever it sits in the list."
+    m = make(name, target_view=target_view)
     views, batch = views_batch(grad=True)
-    out = m(views, batch, target=target)
+    out = m(views, batch, roles=roles)
+    target = roles.index(target_view)
     out["loss"].backward()
     assert views[1 - target].grad is not None and views[1 - target].grad.abs().sum() > 0
     assert views[target].grad is None or views[target].grad.abs().sum() == 0
@@ -77,15 +81,40 @@ def test_symmetric_both_views_get_gradient(name):
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in views)
 
 
-def test_simclr_ignores_target_and_bad_target():
+def test_simclr_has_no_target_view_and_roles_are_checked():
     m = make("simclr")
     views, batch = views_batch()
     m.eval()
-    assert torch.allclose(m(views, batch)["loss"], m(views, batch, target=1)["loss"])
-    with pytest.raises(ConfigError, match="target"):
-        m(views, batch, target=2)
+    assert torch.allclose(m(views, batch)["loss"], m(views, batch, roles=ROLES)["loss"])
+    with pytest.raises(ConfigError, match="target_view"):     # no target branch: not a SimCLR option
+        make("simclr", target_view="attention")
+    with pytest.raises(ConfigError, match="unknown view role"):
+        m(views, batch, roles=("augmented", "masked"))
+    with pytest.raises(ConfigError, match="names 3"):
+        m(views, batch, roles=ROLES + ("local",))
     with pytest.raises(ConfigError, match="2 views"):
         m(views[:1], batch)
+
+
+def test_target_view_needs_roles_naming_one_view():
+    m = make("byol", target_view="attention")
+    views, batch = views_batch()
+    with pytest.raises(ConfigError, match="no roles were given"):
+        m(views, batch)
+    with pytest.raises(ConfigError, match="exactly one of the two views"):   # two random crops: no attention view
+        m(views, batch, roles=("augmented", "augmented"))
+    with pytest.raises(ConfigError, match="target_view='key'"):
+        make("byol", target_view="key")
+    with pytest.raises(ConfigError, match="target_view"):                     # an index is not a role
+        make("moco_v2", target_view=1)
+    assert m.check_roles(ROLES) == 1 and m.check_roles(ROLES[::-1]) == 0 and make("byol").check_roles(None) is None
+    assert role_index(("augmented", "attention", "local"), "attention") == 1 and set(ROLES) <= set(VIEW_ROLES)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_export_backbone_is_the_trained_encoder_or_dino_teacher(name):
+    m = make(name)
+    assert m.export_backbone() is (m.teacher_backbone if name == "dino" else m.backbone)
 
 
 def test_fifo_enqueue_semantics():
@@ -104,9 +133,9 @@ def test_fifo_enqueue_semantics():
 @pytest.mark.parametrize("cls", [MoCoV1, MoCoV2])
 def test_moco_queue_and_ema(cls):
     torch.manual_seed(0)
-    m = cls(backbone(), queue_size=20, momentum=0.9)
+    m = cls(backbone(), queue_size=20, momentum=0.9, target_view="attention")
     views, batch = views_batch()
-    out = m(views, batch, target=1)                               # view 1 only through the key encoder
+    out = m(views, batch, roles=ROLES)                            # view 1 only through the key encoder
     out["loss"].backward()
     online_before = [p.detach().clone() for p in m.backbone.parameters()]
     key_before = [p.detach().clone() for p in m.key_backbone.parameters()]
@@ -118,6 +147,7 @@ def test_moco_queue_and_ema(cls):
         assert torch.allclose(pk, 0.9 * k0 + 0.1 * po, atol=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(online_before, m.backbone.parameters()))
     # symmetric step enqueues both views' keys; the pointer wraps past K=20
+    m.target_view = None
     m(views, batch)["loss"].backward(); m.on_step_end(2, 10)
     assert int(m.queue_ptr) == (B + 2 * B) % 20
     # evaluation forwards never touch the queue
@@ -162,10 +192,10 @@ def test_byol_ema_cosine_schedule():
 
 def test_simsiam_stop_gradient_matches_manual():
     torch.manual_seed(0)
-    m = SimSiam(backbone())
+    m = SimSiam(backbone(), target_view="attention")
     views, batch = views_batch()
     m.eval()                                                    # deterministic BN for a value check
-    out = m(views, batch, target=1)
+    out = m(views, batch, roles=ROLES)
     z0 = m.projector(m.backbone(views[0])); p0 = m.predictor(z0)
     z1 = m.projector(m.backbone(views[1]))
     assert torch.allclose(out["loss"], -F.cosine_similarity(p0, z1).mean(), atol=1e-5)
@@ -182,10 +212,10 @@ def test_nnclr_support_queue():
 
 
 def test_memory_bank_rows():
-    m = make("memory_bank")
+    m = make("memory_bank", target_view="attention")
     views, batch = views_batch()
     before = m.bank.clone()
-    out = m(views, batch, target=1); out["loss"].backward(); m.on_step_end(1, 5)
+    out = m(views, batch, roles=ROLES); out["loss"].backward(); m.on_step_end(1, 5)
     idx = batch["index"]
     changed = (m.bank != before).any(1).nonzero().flatten()
     assert changed.tolist() == idx.tolist()
@@ -193,9 +223,9 @@ def test_memory_bank_rows():
     assert torch.allclose(m.bank[idx], expected, atol=1e-5)
     assert torch.allclose(m.bank.norm(dim=1), torch.ones(N), atol=1e-5)
     with pytest.raises(ConfigError, match="index"):
-        m(views, {"label": batch["label"]})
+        m(views, {"label": batch["label"]}, roles=ROLES)
     with pytest.raises(ConfigError, match="num_samples"):
-        m(views, {"index": torch.arange(N - 2, N - 2 + B)})
+        m(views, {"index": torch.arange(N - 2, N - 2 + B)}, roles=ROLES)
     with pytest.raises(ConfigError, match="num_samples"):
         MemoryBank(backbone())
 
@@ -222,7 +252,7 @@ def test_dino_centre_multicrop_and_temperature():
     with pytest.raises(ConfigError, match="4 views"):
         m(views[:2], {})
     with pytest.raises(ConfigError, match="two views"):
-        m(views, {}, target=1)
+        DINO(vit, out_dim=32, hidden_dim=16, bottleneck_dim=8, n_local=2, target_view="attention")
 
 
 @pytest.mark.parametrize("name", ["moco_v2", "nnclr", "memory_bank", "dino", "byol"])
@@ -266,12 +296,12 @@ def _ddp_worker():
     "On each of 2 gloo ranks: one MoCo step and one memory-bank step with rank-specific data."
     from attnssl.distributed import rank
     torch.manual_seed(0)                                        # identical initial networks, queue and bank
-    moco = MoCoV2(build_backbone("resnet18", width=4), queue_size=64)
-    bank = MemoryBank(build_backbone("resnet18", width=4), num_samples=32, num_negatives=4)
+    moco = MoCoV2(build_backbone("resnet18", width=4), queue_size=64, target_view="attention")
+    bank = MemoryBank(build_backbone("resnet18", width=4), num_samples=32, num_negatives=4, target_view="attention")
     torch.manual_seed(100 + rank())
     views = [torch.randn(4, 3, 16, 16) for _ in range(2)]
-    out = moco(views, {}, target=1); moco.on_step_end(0, 10)
-    bank(views, {"index": torch.arange(4) + 4 * rank()}, target=1); bank.on_step_end(0, 10)
+    out = moco(views, {}, roles=ROLES); moco.on_step_end(0, 10)
+    bank(views, {"index": torch.arange(4) + 4 * rank()}, roles=ROLES); bank.on_step_end(0, 10)
     return {"queue": moco.queue.clone(), "ptr": int(moco.queue_ptr), "bank": bank.bank.clone(),
             "key": F.normalize(out["z"][1].detach(), dim=1)}
 

@@ -39,15 +39,15 @@ def test_backbone_shapes(name, size):
 
 def test_resnet_stems_and_widths():
     x = torch.randn(2, 3, 64, 64)
-    assert ResNet(18, width=8, small_stem=True)(x, return_map=True)[1].shape[-1] == 8
-    assert ResNet(18, width=8, small_stem=False)(x, return_map=True)[1].shape[-1] == 2   # /32
+    assert ResNet(18, width=8, stem="small")(x, return_map=True)[1].shape[-1] == 8
+    assert ResNet(18, width=8, stem="imagenet")(x, return_map=True)[1].shape[-1] == 2   # /32
     assert ResNet(18, width=16).out_dim == 128 and ResNet(18).out_dim == 512
     assert ResNet(50).out_dim == 2048
-    small = ResNet(18, width=8, small_stem=True)
+    small = ResNet(18, width=8, stem="small")
     assert small.stem[0].kernel_size == (3, 3) and small.stem[0].stride == (1, 1)
     assert not any(isinstance(m, nn.MaxPool2d) for m in small.modules())
     # full width, ImageNet stem = torchvision's ResNet-18 without the classifier
-    n = sum(p.numel() for p in ResNet(18, small_stem=False).parameters())
+    n = sum(p.numel() for p in ResNet(18, stem="imagenet").parameters())
     assert n == 11_689_512 - 513_000
 
 
@@ -79,7 +79,7 @@ def test_vit_dynamic_size_patch_and_vit_attr():
 def test_build_backbone_errors():
     with pytest.raises(ConfigError, match="resnet18.*vit_tiny|valid backbones"):
         build_backbone("resnet19")
-    with pytest.raises(ConfigError, match="small_stem"):
+    with pytest.raises(ConfigError, match="last_stride"):
         build_backbone("resnet18", widht=16)
     with pytest.raises(ConfigError, match="patch_size"):
         build_backbone("vit_tiny", patch=4)

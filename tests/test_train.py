@@ -1,4 +1,5 @@
 """attnssl.train: schedule, LARS, exact resume, NaN stop, metrics, config errors (tiny CPU runs with test doubles)."""
+import dataclasses
 import json
 import math
 import pytest
@@ -31,7 +32,7 @@ class ToyMethod(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.nan_at, self.gather = nan_at, False
     def encode(self, x): return self.backbone(x)
-    def forward(self, views, batch, target=None):
+    def forward(self, views, batch, roles=None):
         h = [self.backbone(v) for v in views]; z = [self.proj(x) for x in h]
         a, b = F.normalize(z[0], dim=1), F.normalize(z[1], dim=1)
         loss = F.cross_entropy(a @ b.T / 0.5, torch.arange(len(a)))
@@ -166,3 +167,26 @@ def test_bad_config_names_the_fix():
         Trainer(ToyMethod(), ToyViews(), toy_data(), cfg(None), eval_sets=[1, 2, 3])
     t = Trainer(ToyMethod(), ToyViews(), toy_data(8), cfg(None))
     with pytest.raises(ConfigError, match="batch"): t.fit()
+
+
+class _RoleRecorder(ToyMethod):
+    "ToyMethod that records the roles the trainer hands it."
+    def __init__(self): super().__init__(); self.seen = []
+    def forward(self, views, batch, roles=None):
+        self.seen.append(roles); return super().forward(views, batch)
+
+
+class _RoleViews(ToyViews):
+    "ToyViews that say what their views are; the attention view from epoch 1 on."
+    def view_roles(self, epoch=0): return ("augmented", "attention") if epoch >= 1 else ("augmented", "augmented")
+
+
+def test_trainer_passes_view_roles_and_logs_loss_method(tmp_path):
+    method = _RoleRecorder()
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, device="cpu", online_probe=False, progress=False,
+                      out_dir=str(tmp_path), precision="fp32")
+    Trainer(method, _RoleViews(), toy_data(32), cfg).fit()
+    assert set(method.seen[:2]) == {("augmented", "augmented")} and set(method.seen[2:]) == {("augmented", "attention")}
+    rows = [json.loads(l) for l in (tmp_path/"metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_method"] == r["loss"] for r in rows)          # an unwrapped method: its loss is the loss
+    assert "target" not in {f.name for f in dataclasses.fields(TrainConfig)}   # the index knob is gone: roles decide

@@ -312,3 +312,49 @@ def test_mask_diagnostics_report_object_share():
     no_masks = TensorDataset(ds.images, ds.labels, None, mean=MEAN, std=STD)
     gen(no_masks.get_batch(torch.arange(4)))
     assert "fg_view0" not in gen.diagnostics()
+
+
+def _write_image_folder(root, classes=("cat", "dog"), n=4, seed=0):
+    "The official ImageFolder layout: one subfolder of PNGs per class (sizes and modes vary, as real folders do)."
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            h, w = 24 + 4 * i, 20 + 2 * k
+            img = rng.integers(0, 90, (h, w, 3), dtype=np.uint8); img[6:16, 6:14, k] = 230
+            Image.fromarray(img).save(root / c / f"{i}.png")
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+def test_lazy_folder_views(tmp_path, lazy):
+    "Every view generator builds and runs on an image folder, decoded lazily (LazyImageFolder) or eagerly."
+    from attnssl.attention import FeatureNormSource
+    from attnssl.datasets import get_dataset, make_loader
+    from attnssl.models import build_backbone
+    _write_image_folder(tmp_path / "train")
+    ds = get_dataset("imagefolder", "train", root=tmp_path, image_size=16, lazy=lazy)
+    assert type(ds).__name__ == ("LazyImageFolder" if lazy else "ImageFolder") and ds.image_size == (16, 16)
+    torch.manual_seed(0)
+    heat = FeatureNormSource(build_backbone("resnet18", width=2, stem="small"))     # no masks here: a CNN heatmap
+    gens = {"two_crop": build_views("two_crop", ds),
+            "multi_crop": build_views("multi_crop", ds, n_local=2, local_size=8),
+            "attention": build_views("attention", ds, source=heat, batch_size=4),
+            "attention_hard_crop": build_views("attention", ds, source=heat, batch_size=4, mode="hard", crop=(0.5, 1.0)),
+            "contrastive_crop": build_views("contrastive_crop", ds, source=heat, warmup_epochs=0, batch_size=4)}
+    gens["contrastive_crop"].on_epoch_start(0)                    # boxes from the heatmaps of every image
+    batch = next(iter(make_loader(ds, 4, seed=0)))
+    for name, g in gens.items():
+        views = g(batch, 0)
+        assert len(views) == g.num_views == len(g.view_roles()), name
+        assert views[0].shape == (4, 3, 16, 16) and all(torch.isfinite(v).all() for v in views), name
+    with pytest.raises(ConfigError, match="needs masks"):         # the oracle needs masks, which a folder has not
+        build_views("attention", ds, source="ground_truth")
+
+
+def test_build_views_names_the_fix_for_a_source_that_needs_a_dataset():
+    with pytest.raises(ConfigError, match=r"'dino_vit' needs dataset="):
+        build_views("attention", _dataset(), source="dino_vit")
+    with pytest.raises(ConfigError, match=r"'feature_norm' needs encoder="):
+        build_views("contrastive_crop", _dataset(), source="feature_norm")
