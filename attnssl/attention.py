@@ -21,9 +21,10 @@ from .core import ConfigError, check_keys, cache_dir, atomic_torch_save, get_dev
 __all__ = ['FALLBACKS', 'SOURCE_BUILDERS', 'unfused_attention', 'eval_mode', 'as_vit', 'patch_grid', 'cls_attention',
            'attention_rollout', 'AttentionSource', 'ViTAttentionSource', 'FeatureNormSource', 'GroundTruthSource',
            'CentrePriorSource', 'sanitize_maps', 'upsample', 'normalize_max', 'magnitude_scale', 'postprocess',
-           'mass_threshold', 'soft_mask', 'hard_mask', 'mask_iou', 'map_entropy', 'map_diagnostics', 'iter_source_maps',
-           'MapCache', 'save_vit_checkpoint', 'load_vit', 'pretrained_vit_source', 'build_attention_source',
-           'DinoViTConfig', 'dataset_fingerprint', 'train_dino_vit', 'dino_vit_source']
+           'mass_threshold', 'soft_mask', 'hard_mask', 'mask_iou', 'mask_average_precision', 'map_entropy',
+           'map_diagnostics', 'iter_source_maps', 'MapCache', 'save_vit_checkpoint', 'load_vit',
+           'pretrained_vit_source', 'build_attention_source', 'DinoViTConfig', 'dataset_fingerprint', 'train_dino_vit',
+           'dino_vit_source']
 
 # %% ../nbs/10_attention.ipynb #2d3cca34
 class _StopForward(Exception):
@@ -325,6 +326,15 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     inter, union = (p & g).sum(1).float(), (p | g).sum(1).float()
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
+def mask_average_precision(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Threshold-free agreement per image (B,): average precision of the map's values (upsampled to the masks'
+    size) as scores for the mask's pixels, tied scores counted as one threshold. An empty mask gives NaN; a map
+    that knows nothing scores about the mask's area, a perfect one 1."""
+    from sklearn.metrics import average_precision_score
+    a = upsample(sanitize_maps(maps)[0], tuple(masks.shape[-2:])).flatten(1).double().cpu().numpy()
+    y = (masks.flatten(1) > 0).cpu().numpy()
+    return torch.tensor([average_precision_score(yi, ai) if yi.any() else float("nan") for ai, yi in zip(a, y)])
+
 def map_entropy(maps: torch.Tensor) -> torch.Tensor:
     "Entropy of each (sanitised) map as a distribution over its entries, divided by log(#entries)."
     a, _ = sanitize_maps(maps)
@@ -335,7 +345,8 @@ def map_entropy(maps: torch.Tensor) -> torch.Tensor:
 def map_diagnostics(maps: torch.Tensor, size: int | tuple[int, int] | None = None, t: float = 0.6,
                     s: float = 2.0, gamma: float = 1.0, beta: float = 0.0,
                     masks: torch.Tensor | None = None, whole: float = 0.95, norm: str = "max") -> dict:
-    "Summary of raw maps under a post-processing setting; `masks` (B,1,H,W) adds `iou` (at their size)."
+    """Summary of raw maps under a post-processing setting; `masks` (B,1,H,W) adds `iou` of the hard mask at
+    threshold `t` and the threshold-free `ap` (`mask_average_precision`), both at the masks' size."""
     if masks is not None: size = tuple(masks.shape[-2:])
     m, counts = postprocess(maps, size, s, gamma, beta, return_counts=True, norm=norm)
     hard = hard_mask(maps, t, size)
@@ -344,7 +355,9 @@ def map_diagnostics(maps: torch.Tensor, size: int | tuple[int, int] | None = Non
            "entropy": map_entropy(maps).mean().item(), "whole_image": (area >= whole).float().mean().item(),
            "soft_whole_image": (m.flatten(1).mean(1) >= whole).float().mean().item(),
            **{f"fallback_{k}": v for k, v in counts.items()}}
-    if masks is not None: out["iou"] = mask_iou(hard, masks).mean().item()
+    if masks is not None:
+        out["iou"] = mask_iou(hard, masks).mean().item()
+        out["ap"] = mask_average_precision(maps, masks).nanmean().item()
     return out
 
 # %% ../nbs/10_attention.ipynb #aa30ab87

@@ -222,7 +222,7 @@ def _check_split(split: str, valid: Iterable[str], dataset: str) -> str:
 def _build_clutter(split="train", root=None, download=False, **kw):
     "The embedded ClutterShapes set (`root` and `download` are ignored: it is generated and cached)."
     from attnssl.synthetic import ClutterShapes
-    check_keys(kw, ["num_images", "image_size", "seed", "clutter", "object_area", "cache"], "clutter option")
+    check_keys(kw, ["num_images", "image_size", "seed", "clutter", "object_area", "object_colour", "cache"], "clutter option")
     return ClutterShapes(split=split, **kw)
 
 # %% ../nbs/02_datasets.ipynb #8b183177

@@ -16,7 +16,7 @@ import torch
 
 from .core import (ConfigError, atomic_torch_save, atomic_write_json, check_keys, get_device,
                           git_commit, hardware_info, seed_everything)
-from .synthetic import DEFAULT_OBJECT_AREA, check_clutter, check_object_area
+from .synthetic import DEFAULT_OBJECT_AREA, check_clutter, check_object_area, check_object_colour
 
 # %% auto #0
 __all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATASET_SPLITS', 'RECIPE_SECTIONS', 'REFERENCES',
@@ -399,19 +399,20 @@ DATASET_SPLITS = {
 
 def dataset_section(dataset: str = "clutter", image_size: int = 32, num_images: int | None = 256,
                     num_test_images: int | None = 128, clutter: float = 1.0,
-                    object_area: Sequence[float] = DEFAULT_OBJECT_AREA) -> dict:
+                    object_area: Sequence[float] = DEFAULT_OBJECT_AREA, object_colour: float = 1.0) -> dict:
     """The `dataset` config section for a dataset name (splits from `DATASET_SPLITS`). The ClutterShapes knobs
-    `clutter` and `object_area` enter the section only when they differ from the defaults, so that runs at
-    the default dataset keep their cache keys."""
+    `clutter`, `object_area` and `object_colour` enter the section only when they differ from the defaults, so
+    that runs at the default dataset keep their cache keys."""
     ssl, tr, te = DATASET_SPLITS.get(dataset, ("train", "train", "test"))
     sec = {"name": dataset, "ssl_split": ssl, "train_split": tr, "test_split": te}
-    clutter, object_area = check_clutter(clutter), check_object_area(object_area)
-    knobs = {k: v for k, v, default in [("clutter", clutter, 1.0), ("object_area", list(object_area), list(DEFAULT_OBJECT_AREA))]
+    clutter, object_area, object_colour = check_clutter(clutter), check_object_area(object_area), check_object_colour(object_colour)
+    knobs = {k: v for k, v, default in [("clutter", clutter, 1.0), ("object_area", list(object_area), list(DEFAULT_OBJECT_AREA)),
+                                        ("object_colour", object_colour, 1.0)]
              if v != default}
     if dataset == "clutter": sec.update(image_size=image_size, num_images=num_images, num_test_images=num_test_images, **knobs)
     elif knobs:
         raise ConfigError(f"{' and '.join(knobs)} {'apply' if len(knobs) > 1 else 'applies'} to the embedded dataset (dataset='clutter') only, not {dataset!r}; "
-                          "leave them at their defaults (clutter=1.0, object_area=[0.05, 0.4])")
+                          "leave them at their defaults (clutter=1.0, object_area=[0.05, 0.4], object_colour=1.0)")
     else: sec.update(num_images=None, num_test_images=None)
     return sec
 
@@ -448,8 +449,8 @@ _TRAIN_FALLBACK = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4}   # wit
 
 def make_config(dataset: str = "clutter", image_size: int = 32, num_images: int | None = 256,
                 num_test_images: int | None = 128, clutter: float = 1.0,
-                object_area: Sequence[float] = DEFAULT_OBJECT_AREA, backbone: str = "resnet18", width: int = 8,
-                stem: str | None = None, last_stride: int | None = None, recipe: str | None = None,
+                object_area: Sequence[float] = DEFAULT_OBJECT_AREA, object_colour: float = 1.0,
+                backbone: str = "resnet18", width: int = 8, stem: str | None = None, last_stride: int | None = None, recipe: str | None = None,
                 method: str = "simclr", method_kw: dict | None = None, views: dict | None = None,
                 epochs: int = 1, batch_size: int = 64, lr: float | None = None, weight_decay: float | None = None,
                 optimizer: str | None = None, train_kw: dict | None = None, knn_k: int = 20, linear: bool = True,
@@ -464,7 +465,7 @@ def make_config(dataset: str = "clutter", image_size: int = 32, num_images: int 
         bb.update({"width": width, "stem": "small" if image_size <= 96 else "imagenet", "last_stride": 2, **r["backbone"],
                    **given(stem=stem, last_stride=last_stride)})
     train = {**_TRAIN_FALLBACK, **r["train"], **given(optimizer=optimizer, lr=lr, weight_decay=weight_decay)}
-    return {"dataset": {**dataset_section(dataset, image_size, num_images, num_test_images, clutter, object_area),
+    return {"dataset": {**dataset_section(dataset, image_size, num_images, num_test_images, clutter, object_area, object_colour),
                         "num_val_images": num_val_images}, "backbone": bb,
             "method": method_section(method, recipe, **(method_kw or {})), "views": dict(views or {"name": "two_crop"}),
             "align": {"lam": 0.0, "target": "attention"},
@@ -548,7 +549,7 @@ def finetune_run(pretrain_result: dict, label_fraction: float, seed: int = 0, ro
         return {"top1": float(out["top1"]), "num_labelled": int(out.get("num_labelled", 0)), "device": str(device)}
     return cached_run(cfg, fn, root=root, kind="finetune")
 
-# %% ../nbs/13_experiments.ipynb #7ca2bf8a
+# %% ../nbs/13_experiments.ipynb #62b080c7
 REFERENCES = ("random init", "supervised")
 
 def reference_run(config: dict, kind: str, root=None) -> dict:

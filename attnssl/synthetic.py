@@ -19,15 +19,16 @@ from .core import ConfigError, atomic_torch_save, cache_dir
 from .datasets import DATASET_STATS, TensorDataset, _mix_seed
 
 # %% auto #0
-__all__ = ['CLASSES', 'GENERATOR_VERSION', 'DEFAULT_NUM_IMAGES', 'DEFAULT_OBJECT_AREA', 'CHUNK', 'shape_sdf', 'unit_areas',
-           'pixel_grid', 'render_shapes', 'masks_to_boxes', 'check_clutter', 'check_object_area', 'generate_clutter',
-           'clutter_cache_path', 'ClutterShapes']
+__all__ = ['CLASSES', 'GENERATOR_VERSION', 'DEFAULT_NUM_IMAGES', 'DEFAULT_OBJECT_AREA', 'OBJECT_GREY', 'CHUNK', 'shape_sdf',
+           'unit_areas', 'pixel_grid', 'render_shapes', 'masks_to_boxes', 'check_clutter', 'check_object_area',
+           'check_object_colour', 'generate_clutter', 'clutter_cache_path', 'ClutterShapes']
 
 # %% ../nbs/01_synthetic.ipynb #9866e9f9
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "crescent", "arrow", "ell")
 GENERATOR_VERSION = 3  # bump whenever generated pixels change: it is part of the cache key
 DEFAULT_NUM_IMAGES = {"train": 5000, "test": 1000}
 DEFAULT_OBJECT_AREA = (0.05, 0.40)  # fraction of the image the object covers (min, max)
+OBJECT_GREY = 0.85                  # the object's colour at object_colour=0 (then pushed away from the background as usual)
 _SPLIT_STREAM = {"train": 0, "test": 1}
 
 def _box(x, y, cx, cy, hx, hy):
@@ -143,7 +144,7 @@ def _clutter_count(n: int, clutter: float) -> int:
     return math.floor(n * clutter + 0.5)
 
 def _render_scene(p: dict, size: int, g: torch.Generator, clutter: float = 1.0,
-                  object_area: tuple = DEFAULT_OBJECT_AREA) -> tuple[torch.Tensor, torch.Tensor]:
+                  object_area: tuple = DEFAULT_OBJECT_AREA, object_colour: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     B, S = len(p["label"]), size
     X, Y = pixel_grid(S)
     areas = unit_areas()
@@ -180,7 +181,8 @@ def _render_scene(p: dict, size: int, g: torch.Generator, clutter: float = 1.0,
     cx, cy = lo + p["obj_pos"][:, 0] * (hi - lo), lo + p["obj_pos"][:, 1] * (hi - lo)
     sdf = render_shapes(p["label"], cx, cy, scale, p["obj_theta"], X, Y)
     mask = (sdf >= 0).to(torch.uint8)[:, None]
-    _paint(img, sdf, _contrast(p["obj_col"], ref))
+    colour = torch.lerp(torch.full_like(p["obj_col"], OBJECT_GREY), p["obj_col"], object_colour)  # 1: the drawn colour
+    _paint(img, sdf, _contrast(colour, ref))
     # grey sensor-like noise (uniform, std `noise`), drawn last so that the geometry does not depend on the resolution
     img.addcmul_(torch.rand(B, 1, S, S, generator=g).sub_(0.5), p["noise"][:, None, None, None], value=math.sqrt(12))
     return img.clamp_(0, 1).mul_(255).round_().to(torch.uint8), mask
@@ -220,55 +222,68 @@ def check_object_area(object_area) -> tuple[float, float]:
         raise ConfigError(f"object_area must be (min, max) fractions of the image with 0 < min <= max <= 0.6, got {object_area!r}")
     return lo, hi
 
+def check_object_colour(object_colour) -> float:
+    "`object_colour` as a float in [0, 1], or a `ConfigError` naming the range."
+    try: c = float(object_colour)
+    except (TypeError, ValueError): c = float("nan")
+    if not 0.0 <= c <= 1.0:
+        raise ConfigError(f"object_colour must be a number in [0, 1] (0 = every object light grey, 1 = random colours), got {object_colour!r}")
+    return c
+
 def generate_clutter(num_images: int, image_size: int = 32, seed: int = 0, split: str = "train",
-                     clutter: float = 1.0, object_area: tuple = DEFAULT_OBJECT_AREA) -> dict:
+                     clutter: float = 1.0, object_area: tuple = DEFAULT_OBJECT_AREA, object_colour: float = 1.0) -> dict:
     """Generate `num_images` scenes: dict of `images` uint8 (N,3,S,S), `masks` uint8 (N,1,S,S), `labels` (N,),
     `boxes` (N,4). `clutter` in [0, 1] scales the background stripes and the number of lines and fragments;
-    `object_area` bounds the fraction of the image the object covers."""
+    `object_area` bounds the fraction of the image the object covers; `object_colour` in [0, 1] sets how much
+    the object's colour varies between images (1: a random colour each, 0: the same light grey)."""
     if split not in _SPLIT_STREAM: raise ConfigError(f"ClutterShapes split must be one of {list(_SPLIT_STREAM)}, got {split!r}")
     if int(num_images) < 1: raise ConfigError(f"num_images must be >= 1, got {num_images}")
     if int(image_size) < 16: raise ConfigError(f"image_size must be >= 16 px (shapes are unreadable below), got {image_size}")
-    clutter, object_area = check_clutter(clutter), check_object_area(object_area)
+    clutter, object_area, object_colour = check_clutter(clutter), check_object_area(object_area), check_object_colour(object_colour)
     images, masks, labels = [], [], []
     with _one_thread():
         for chunk in range(math.ceil(num_images / CHUNK)):
             g = torch.Generator().manual_seed(_mix_seed(seed, _SPLIT_STREAM[split], chunk))
             p = _draw_params(g, CHUNK)
-            img, mask = _render_scene(p, int(image_size), g, clutter, object_area)
+            img, mask = _render_scene(p, int(image_size), g, clutter, object_area, object_colour)
             images.append(img); masks.append(mask); labels.append(p["label"])
     images, masks = torch.cat(images)[:num_images].contiguous(), torch.cat(masks)[:num_images].contiguous()
     return {"images": images, "masks": masks, "labels": torch.cat(labels)[:num_images].long(), "boxes": masks_to_boxes(masks)}
 
 # %% ../nbs/01_synthetic.ipynb #2a369137
 def clutter_cache_path(split: str, num_images: int, image_size: int, seed: int, clutter: float = 1.0,
-                       object_area: tuple = DEFAULT_OBJECT_AREA) -> Path:
+                       object_area: tuple = DEFAULT_OBJECT_AREA, object_colour: float = 1.0) -> Path:
     "Cache file for one configuration (the generator version is part of the name)."
     area = "-".join(f"{a:g}" for a in object_area)
-    return cache_dir("clutter") / f"clutter-v{GENERATOR_VERSION}-{split}-n{num_images}-{image_size}px-seed{seed}-c{clutter:g}-a{area}.pt"
+    colour = "" if object_colour == 1.0 else f"-o{object_colour:g}"   # default files keep their names
+    return cache_dir("clutter") / f"clutter-v{GENERATOR_VERSION}-{split}-n{num_images}-{image_size}px-seed{seed}-c{clutter:g}-a{area}{colour}.pt"
 
 class ClutterShapes(TensorDataset):
     "Embedded object-on-clutter dataset: 10 shape classes, masks and boxes; deterministic for a seed, cached."
     def __init__(self, split: str = "train", num_images: int | None = None, image_size: int = 32, seed: int = 0,
-                 clutter: float = 1.0, object_area: tuple = DEFAULT_OBJECT_AREA, cache: bool = True):
+                 clutter: float = 1.0, object_area: tuple = DEFAULT_OBJECT_AREA, object_colour: float = 1.0,
+                 cache: bool = True):
         if split not in DEFAULT_NUM_IMAGES:
             raise ConfigError(f"ClutterShapes has no split {split!r}; valid splits are: {', '.join(DEFAULT_NUM_IMAGES)}")
         n = DEFAULT_NUM_IMAGES[split] if num_images is None else int(num_images)
         self.split, self.seed, self.cache_path, self.from_cache = split, int(seed), None, False
         self.clutter, self.object_area = check_clutter(clutter), check_object_area(object_area)
+        self.object_colour = check_object_colour(object_colour)
         data = None
         if cache:
-            self.cache_path = clutter_cache_path(split, n, int(image_size), int(seed), self.clutter, self.object_area)
+            self.cache_path = clutter_cache_path(split, n, int(image_size), int(seed), self.clutter, self.object_area,
+                                                 self.object_colour)
             if self.cache_path.exists():
                 try:
                     data = torch.load(self.cache_path, weights_only=True); self.from_cache = True
                 except Exception as e:  # unreadable cache: regenerate
                     warnings.warn(f"regenerating unreadable ClutterShapes cache {self.cache_path}: {e}")
         if data is None:
-            data = generate_clutter(n, int(image_size), int(seed), split, self.clutter, self.object_area)
+            data = generate_clutter(n, int(image_size), int(seed), split, self.clutter, self.object_area, self.object_colour)
             if cache: atomic_torch_save(data, self.cache_path)
         mean, std = DATASET_STATS["clutter"]
         super().__init__(data["images"], data["labels"], data["masks"], CLASSES, mean, std)
         self.boxes = data["boxes"]
 
     def __repr__(self) -> str:
-        return f"ClutterShapes(split={self.split!r}, n={len(self)}, image_size={self.images.shape[-1]}, seed={self.seed}, clutter={self.clutter:g}, object_area={self.object_area})"
+        return f"ClutterShapes(split={self.split!r}, n={len(self)}, image_size={self.images.shape[-1]}, seed={self.seed}, clutter={self.clutter:g}, object_area={self.object_area}, object_colour={self.object_colour:g})"

@@ -9,14 +9,16 @@ them, at random init and every 10 epochs. Factors:
 
     --views random_crop | oracle | full     two random crops, or (crop, object-only view) from the ground-truth
                                             mask (the oracle attention view), or (crop, whole image)
-    --clutter C --object-area LO HI         the dataset's difficulty knobs
+    --clutter C --object-area LO HI         the dataset's knobs: clutter, object size and how much object
+    --object-colour V                       colours vary (1: random, 0: one grey; our calibration knob)
     --colour-jitter S --p-gray P            colour augmentation strength on every view
-    --intervene flat_background|grey_object diagnosis-only edits of the generator: every image gets the same
-                                            mid-grey background field, or every object the same light grey
+    --intervene flat_background             a diagnosis-only edit of the generator: every image gets the same
+                                            mid-grey background field (rows of this file with "grey_object" used
+                                            an edit that is now the knob --object-colour 0: the same pixels)
     --backbone JSON --epochs N --images N   capacity and budget
 
     python benchmarks/diagnose_benchmark.py --views oracle --object-area 0.2 0.5 --clutter 0
-    python benchmarks/diagnose_benchmark.py --intervene grey_object --object-area 0.2 0.5 --clutter 0
+    python benchmarks/diagnose_benchmark.py --object-colour 0 --object-area 0.2 0.5 --clutter 0
 
 Each run appends one JSON line (settings, kNN trajectory, last-epoch diagnostics, minutes, hardware, commit)
 to `--out`; nbs/16_diagnosis reads benchmarks/results/diagnosis.jsonl.
@@ -41,7 +43,6 @@ from attnssl.views import build_views
 VIEWS = {"random_crop": ("two_crop", {}), "oracle": ("attention", {"mode": "hard"}), "full": ("attention", {"mode": "full"})}
 INTERVENTIONS = {   # diagnosis only: which per-image generator parameter is made the same for every image
     "flat_background": lambda p: p.update(field_grey=torch.full_like(p["field_grey"], 0.5), field_col=torch.full_like(p["field_col"], 0.5)),
-    "grey_object": lambda p: p.update(obj_col=torch.full_like(p["obj_col"], 0.85)),
 }
 
 
@@ -59,7 +60,7 @@ def intervene(names) -> None:
 def run(a) -> dict:
     torch.manual_seed(a.seed)
     intervene(a.intervene)
-    data = {"clutter": a.clutter, "object_area": tuple(a.object_area)}
+    data = {"clutter": a.clutter, "object_area": tuple(a.object_area), "object_colour": a.object_colour}
     full = S.ClutterShapes("train", num_images=a.images + a.val_images, cache=not a.intervene, **data)
     ssl, val = full.subset(range(a.images)), full.subset(range(a.images, a.images + a.val_images))
     recipe = load_recipe(a.recipe)
@@ -94,6 +95,7 @@ def main(argv=None) -> dict:
     p.add_argument("--views", choices=list(VIEWS), default="random_crop")
     p.add_argument("--clutter", type=float, default=1.0)
     p.add_argument("--object-area", type=float, nargs=2, default=(0.05, 0.4))
+    p.add_argument("--object-colour", type=float, default=1.0)
     p.add_argument("--intervene", nargs="*", choices=list(INTERVENTIONS), default=[])
     p.add_argument("--colour-jitter", type=float, default=None, help="SimCLR colour strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s)")
     p.add_argument("--p-gray", type=float, default=None)

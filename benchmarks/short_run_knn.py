@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Does a method learn in a short run? kNN top-1 at random initialisation and every few epochs of pre-training.
 
-The setting is nbs/08_train's "every method" section (ClutterShapes, width-8 small-stem ResNet-18, AdamW lr 2e-3,
-batch 128, kNN k = 50, T = 0.1 on 1,000 test images; method hyperparameters are the library defaults, so pass
-08_train's short-run choices, e.g. BYOL's `{"momentum": 0.99}`, with --hparams) and every part of it can be
+The setting is nbs/08_train's "every method" section (ClutterShapes, width-8 small-stem ResNet-18, batch 128, kNN
+k = 50, T = 0.1 on 1,000 test images; the optimiser and the method's hyperparameters are the `cpu` recipe of
+nbs/experiments/recipes.yaml, e.g. AdamW lr 2e-3 and BYOL's momentum 0.99; --hparams adds to them) and every part of it can be
 overridden, so one command tests one hypothesis about why a method does or does not rise above its random-init kNN. Each run appends one
 JSON line (settings, kNN trajectory, last-epoch diagnostics, minutes, hardware, commit) to `--out`. Examples:
 
@@ -22,13 +22,15 @@ import torch
 from attnssl.augment import Normalize, simclr_augment
 from attnssl.core import git_commit, hardware_info
 from attnssl.evaluate import extract_features, knn_classify
+from attnssl.experiments import load_recipe
 from attnssl.methods import build_method
 from attnssl.models import build_backbone
 from attnssl.synthetic import ClutterShapes
 from attnssl.train import Trainer, TrainConfig
 from attnssl.views import TwoCropViews, build_views
 
-DEFAULT_TRAIN = {"batch_size": 128, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-6}
+RECIPE = load_recipe("cpu")   # nbs/experiments/recipes.yaml: the one place for short-run settings
+DEFAULT_TRAIN = {"batch_size": 128, **RECIPE["train"]}
 DINO_WARMUP = {"warmup_epochs": 1}   # 08_train warms DINO up for one epoch
 VIT_TRAIN = {"batch_size": 128, "optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04}   # DINO's ViT recipe
 
@@ -54,7 +56,7 @@ def run(a) -> dict:
     if a.backbone: backbone = build_backbone(**a.backbone)
     else: backbone = build_backbone("resnet18", width=a.width, stem="small")
     at_init = knn_top1(backbone, train_set, test_set)
-    hparams = dict(a.hparams)
+    hparams = {**RECIPE["methods"].get(a.method, {}), **a.hparams}
     if a.method == "memory_bank": hparams.setdefault("num_samples", len(train_set))
     vit = bool(a.backbone) and a.backbone["name"].startswith("vit")
     train = {**(VIT_TRAIN if vit else DEFAULT_TRAIN), **(DINO_WARMUP if a.method == "dino" else {}), **a.train}
@@ -63,7 +65,7 @@ def run(a) -> dict:
     trainer = Trainer(build_method(a.method, backbone, **hparams), make_views(a.method, train_set, a.views, a.augment),
                       train_set, config, eval_sets=(train_set, test_set))
     start = time.time(); last = trainer.fit()
-    return {"method": a.method, "epochs": a.epochs, "hparams": a.hparams, "train": train, "views": a.views,
+    return {"method": a.method, "epochs": a.epochs, "hparams": hparams, "train": train, "views": a.views,
             "augment": a.augment, "data": {**data, "images": a.images}, "width": a.width, "backbone": a.backbone, "seed": a.seed,
             "knn_init": round(at_init, 1),
             "knn": [[h["epoch"] + 1, round(h["knn_top1"], 1)] for h in trainer.history if "knn_top1" in h],

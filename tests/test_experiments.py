@@ -2,6 +2,7 @@
 import json, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
+import torch
 from attnssl.core import ConfigError
 from attnssl.experiments import (DEFAULT_CONFIG, RunLocked, cached_run, canonical_config, config_key, load_result,
                                  override, run_dir, run_lock, runs_root)
@@ -127,3 +128,63 @@ def test_dataset_knobs_in_config():
     assert sets["ssl"].clutter == 0.5 and sets["test"].object_area == (0.2, 0.5) and len(sets["test"]) == 6
     with pytest.raises(ConfigError, match="clutter must be"): make_config(clutter=3)
     with pytest.raises(ConfigError, match="embedded dataset"): make_config(dataset="stl10", object_area=[0.2, 0.5])
+
+def test_cache_key_dedup_same_training_one_key():
+    "Options that change nothing about training do not change the key: the same run under two tables trains once."
+    from attnssl.experiments import attention_views, make_config, vit_source
+    base = make_config(recipe="cpu")
+    # no align term: its target is irrelevant
+    assert config_key(override(base, {"align.target": "symmetric"})) == config_key(base)
+    assert config_key(override(base, {"align.lam": 1.0, "align.target": "symmetric"})) != config_key(override(base, {"align.lam": 1.0}))
+    # the full-image control has no mask: its source and map options are irrelevant
+    full_a = override(base, {"views": attention_views(vit_source(base, recipe="cpu"), mode="full")})
+    full_b = override(base, {"views": attention_views(None, mode="full", s=4.0)})
+    assert config_key(full_a) == config_key(full_b)
+    # a method section given in full or by its recipe hashes alike
+    from attnssl.experiments import method_section
+    assert config_key(override(base, {"method": method_section("simclr", "cpu")})) == config_key(base)
+
+def test_cache_key_dedup_other_builder_replaces_section():
+    "An arm that names another method replaces the base's method section (no stray hyperparameters)."
+    from attnssl.experiments import make_config, method_section
+    base = make_config(recipe="cpu")                      # simclr with the recipe's temperature
+    byol = override(base, {"method": method_section("byol", "cpu")})
+    assert byol["method"] == {"name": "byol", "momentum": 0.99}
+
+def test_recipe_resolution_and_errors(tmp_path):
+    from attnssl.experiments import load_recipe, make_config, vit_source
+    r = load_recipe("cpu")
+    assert r["backbone"]["stem"] == "stride2" and r["train"]["optimizer"] == "adamw" and r["methods"]["moco_v2"]["queue_size"] == 1024
+    cfg = make_config(recipe="cpu", lr=0.01)              # a given parameter wins over the recipe
+    assert cfg["train"]["lr"] == 0.01 and cfg["train"]["optimizer"] == "adamw" and cfg["backbone"]["last_stride"] == 1
+    assert make_config()["train"]["optimizer"] == "sgd"   # no recipe: the builders' defaults
+    assert vit_source(cfg, recipe="cpu", epochs=3)["pretrain"]["backbone"]["embed_dim"] == r["vit"]["embed_dim"]
+    with pytest.raises(ConfigError, match="valid recipes are: .*cpu"): load_recipe("gpu-fast")
+    bad = tmp_path/"recipes.yaml"; bad.write_text("x:\n  extends: y\ny:\n  extends: x\n")
+    with pytest.raises(ConfigError, match="extends itself"): load_recipe("x", bad)
+    bad.write_text("x:\n  optimiser: {}\n")
+    with pytest.raises(ConfigError, match="optimiser"): load_recipe("x", bad)
+
+def test_validation_split_is_carved_from_training_images():
+    from attnssl.experiments import build_datasets, make_config
+    sets = build_datasets(make_config(num_images=40, num_test_images=8, num_val_images=10))
+    assert len(sets["train"]) == 40 and len(sets["val"]) == 10 and sets["ssl"] is sets["train"]
+    from attnssl.synthetic import ClutterShapes
+    drawn = ClutterShapes("train", num_images=50)          # the same draw: val = the 10 images after the first 40
+    assert torch.equal(sets["val"].images, drawn.images[40:]) and torch.equal(sets["train"].images, drawn.images[:40])
+    assert build_datasets(make_config(num_images=40, num_test_images=8))["val"] is None
+
+def test_short_run_metrics_are_pinned(tmp_path):
+    """A fixed-seed tiny run (no cache reuse: a fresh root) gives the same metrics as when this test was written:
+    a silent change to what training does fails here (then bump CACHE_VERSION and update the numbers)."""
+    from attnssl.experiments import make_config, run_pretrain
+    torch.set_num_threads(1)
+    cfg = make_config(num_images=64, num_test_images=32, num_val_images=16, width=2, epochs=2, batch_size=32,
+                      linear_epochs=2, knn_k=5, recipe="cpu", device="cpu")
+    res = run_pretrain(cfg, root=tmp_path)
+    assert not res["cached"]
+    got = {k: round(res[k], 1) for k in ("knn_top1", "val_knn_top1", "linear_top1")}
+    assert got == {k: v for k, v in PINNED.items() if k != "loss"}, got
+    assert res["train"]["loss"] == pytest.approx(PINNED["loss"], abs=2e-3), res["train"]["loss"]
+
+PINNED = {"knn_top1": 3.1, "val_knn_top1": 25.0, "linear_top1": 9.4, "loss": 4.442}   # at CACHE_VERSION 2
