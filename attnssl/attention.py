@@ -333,7 +333,7 @@ def mask_average_precision(maps: torch.Tensor, masks: torch.Tensor) -> torch.Ten
     from sklearn.metrics import average_precision_score
     a = upsample(sanitize_maps(maps)[0], tuple(masks.shape[-2:])).flatten(1).double().cpu().numpy()
     y = (masks.flatten(1) > 0).cpu().numpy()
-    return torch.tensor([average_precision_score(yi, ai) if yi.any() else float("nan") for ai, yi in zip(a, y)])
+    return torch.tensor([average_precision_score(yi, ai) if yi.any() else float("nan") for ai, yi in zip(a, y)], dtype=torch.float32)
 
 def map_entropy(maps: torch.Tensor) -> torch.Tensor:
     "Entropy of each (sanitised) map as a distribution over its entries, divided by log(#entries)."

@@ -183,6 +183,8 @@ def reproduce(profile: str = "small", only: Sequence[str] | None = None, seeds: 
     todo = plan(profile, only, seeds, data_root, out, set_params)
     templates, out = list_templates(), Path(out).expanduser().resolve()
     commit, hw = git_commit(), hardware_info()
+    from attnssl.experiments import runs_root as _runs_root
+    cached_at_start = sum(1 for d in _runs_root(runs_root).iterdir() if (d/"result.json").exists())   # finished runs
     summary, work, t_all = {}, [], time.time()
     log(f"attnssl reproduce: profile {profile!r}, {len(todo)} experiment(s), {jobs} at a time -> {out}")
     for i, params in todo.items():
@@ -213,7 +215,8 @@ def reproduce(profile: str = "small", only: Sequence[str] | None = None, seeds: 
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "attnssl reproduce --profile " + profile + (" --only " + " ".join(only) if only else "")
                          + (f" --jobs {jobs}" if jobs > 1 else ""),
-              "wall time of this call": f"{time.time() - t_all:.0f} s"}
+              "wall time of this call": f"{time.time() - t_all:.0f} s",
+              "run cache at start": "empty" if cached_at_start == 0 else f"{cached_at_start} finished runs (reused where they match)"}
     index = write_index(out, header)
     failed = [i for i, m in summary.items() if m.get("status") != "ok"]
     log(f"done in {time.time() - t_all:.1f}s; index: {index}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
