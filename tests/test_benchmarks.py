@@ -80,3 +80,37 @@ def test_train_throughput_rejects_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit):
         load_throughput().main(argv)
     assert message in capsys.readouterr().err
+
+
+def load_script(name):
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); return mod
+
+
+def test_gpu_throughput_runs_on_cpu_and_says_what_ran(capsys):
+    "The GPU benchmark runs with tiny sizes on a CPU; CUDA-only settings are reported as what actually ran."
+    rows = load_script("gpu_throughput").main(["--sizes", "16", "--width", "2", "--images", "32", "--batch-size", "16",
+                                               "--variants", "fp32", "bf16-cl", "--device", "cpu"])
+    assert [(r["size"], r["variant"], r["ran_as"]) for r in rows] == [(16, "fp32", "fp32"), (16, "bf16-cl", "fp32")]
+    assert all(r["simclr_per_s"] > 0 and r["backbone_per_s"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "SimCLR img/s" in out and "backbone img/s" in out and "commit" in out
+
+
+def test_gpu_throughput_bad_input():
+    mod = load_script("gpu_throughput")
+    with pytest.raises(SystemExit): mod.parse(["--epochs", "1"])
+    with pytest.raises(SystemExit): mod.parse(["--images", "8", "--batch-size", "16"])
+    with pytest.raises(SystemExit): mod.parse(["--variants", "fp16"])
+
+
+def test_diagnose_benchmark_appends_one_labelled_line(tmp_path):
+    "A tiny diagnosis run: validation kNN at init and after training, the factors recorded, one JSON line."
+    out = tmp_path / "d.jsonl"
+    row = load_script("diagnose_benchmark").main(["--views", "oracle", "--epochs", "1", "--images", "128", "--val-images", "32",
+                                                  "--object-colour", "0", "--backbone", '{"width": 2}', "--out", str(out)])
+    assert [json.loads(l) for l in out.read_text().splitlines()] == [row]
+    assert row["views"] == "oracle" and row["data"]["object_colour"] == 0.0 and row["data"]["val_images"] == 32
+    assert 0 <= row["knn_init"] <= 100 and [e for e, _ in row["knn"]] == [1] and row["commit"]
+    with pytest.raises(SystemExit): load_script("diagnose_benchmark").main(["--images", "64", "--out", str(out)])
