@@ -22,7 +22,7 @@ __all__ = ['DATASET_STATS', 'STL10_CLASSES', 'STL10_URL', 'STL10_MD5', 'IMAGE_EX
            'FASHION_CLASSES', 'FASHION_URL', 'FASHION_FILES', 'channel_stats', 'TensorDataset', 'collate_items',
            'Loader', 'make_loader', 'register_dataset', 'dataset_names', 'get_dataset', 'CorruptImageError', 'STL10',
            'CIFAR10', 'CIFAR100', 'load_image', 'decode_images', 'TinyImageNet', 'read_idx', 'FashionMNIST',
-           'scan_image_folder', 'ImageFolder', 'LazyImageFolder']
+           'scan_image_folder', 'ImageFolder', 'LazyImageFolder', 'eager_budget_bytes']
 
 # %% ../nbs/02_datasets.ipynb #4c3ce6d9
 def _as_uint8_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
@@ -603,6 +603,15 @@ def _build_imagefolder(split="train", root=None, download=False, **kw):
     if root is None: raise ConfigError("imagefolder needs root=<folder with class subfolders, or a flat folder of images>")
     root = Path(root).expanduser()
     if split and (root / split).is_dir(): root = root / split
-    if kw.pop("lazy", False):
+    lazy = kw.pop("lazy", None)
+    if lazy is None:   # auto: decode up front only what fits the memory budget
+        lazy = len(scan_image_folder(root)[0]) * 3 * int(kw.get("image_size", 64)) ** 2 > eager_budget_bytes()
+    if lazy:
         kw.pop("skip_corrupt", None); return LazyImageFolder(root, **kw)
     return ImageFolder(root, **kw)
+
+def eager_budget_bytes() -> int:
+    "Decoded bytes an image folder may take in memory before it is read lazily: `$ATTNSSL_EAGER_MB`, else 1/4 of RAM."
+    if os.environ.get("ATTNSSL_EAGER_MB"): return int(float(os.environ["ATTNSSL_EAGER_MB"]) * 2**20)
+    try: return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError): return 4 * 2**30

@@ -19,8 +19,8 @@ from .core import (ConfigError, atomic_torch_save, atomic_write_json, check_keys
 from .synthetic import DEFAULT_OBJECT_AREA, check_clutter, check_object_area, check_object_colour
 
 # %% auto #0
-__all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATASET_SPLITS', 'RECIPE_SECTIONS', 'REFERENCES',
-           'override', 'canonical_config', 'config_key', 'repo_root', 'runs_root', 'run_dir', 'RunLocked',
+__all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATASET_SPLITS', 'RESIZED_DATASETS', 'RECIPE_SECTIONS',
+           'REFERENCES', 'override', 'canonical_config', 'config_key', 'repo_root', 'runs_root', 'run_dir', 'RunLocked',
            'lock_is_stale', 'run_lock', 'load_result', 'cached_run', 'build_datasets', 'build_backbone_from',
            'load_encoder', 'load_metrics', 'pretrain', 'build_attention_source', 'build_view_generator',
            'evaluate_encoder', 'run_pretrain', 'dataset_section', 'recipes_path', 'load_recipe', 'method_section',
@@ -252,8 +252,9 @@ def cached_run(config: dict, fn: Callable[[dict, Path], dict], root=None, wait: 
 # %% ../nbs/13_experiments.ipynb #a9930324
 def _split_kw(ds: dict, which: str) -> dict:
     "get_dataset kwargs for split `which` (ssl / train / test) from the dataset section."
-    kw = {k: v for k, v in ds.items() if k not in ("name", "ssl_split", "train_split", "test_split",
+    kw = {k: v for k, v in ds.items() if k not in ("name", "ssl_split", "train_split", "test_split", "root",
                                                    "num_images", "num_test_images", "num_train_images", "num_val_images")}
+    if ds["name"] not in RESIZED_DATASETS: kw.pop("image_size", None)   # fixed-size files: checked after loading
     n = ds.get("num_test_images") if which == "test" else ds.get("num_train_images", ds.get("num_images")) \
         if which == "train" else ds.get("num_images")
     if n is not None: kw["num_images"] = n
@@ -274,7 +275,7 @@ def build_datasets(config: dict) -> dict:
     from attnssl.datasets import get_dataset
     cfg = canonical_config(config); ds, rt = cfg["dataset"], cfg.get("runtime", {})
     n_val = int(ds.get("num_val_images") or 0)
-    load = lambda which, **kw: get_dataset(ds["name"], split=ds[f"{which}_split"], root=rt.get("data_root"),
+    load = lambda which, **kw: get_dataset(ds["name"], split=ds[f"{which}_split"], root=ds.get("root", rt.get("data_root")),
                                            download=rt.get("download", False), **{**_split_kw(ds, which), **kw})
     out = {"val": None}
     if n_val:
@@ -284,6 +285,12 @@ def build_datasets(config: dict) -> dict:
     for which in ("ssl", "test"):
         same = ds[f"{which}_split"] == ds["train_split"] and _split_kw(ds, which) == _split_kw(ds, "train")
         out[which] = out["train"] if same else load(which)
+    side = ds.get("image_size")
+    for which in ("ssl", "test"):   # a run states the size it trains at; files of another size are an error, not a silent resize
+        got = tuple(getattr(out[which], "image_size", ()))
+        if side is not None and got and got != (side, side):
+            raise ConfigError(f"{ds['name']}: the {which} images are {got[0]}x{got[1]} px, the config says image_size={side}; "
+                              f"set image_size={got[0]} (the paper profiles: stl10 96, tiny-imagenet 64, cifar 32)")
     return {k: out[k] for k in ("ssl", "train", "val", "test")}
 
 def build_backbone_from(config: dict):
@@ -396,13 +403,15 @@ DATASET_SPLITS = {
     "tiny-imagenet": ("train", "train", "val"), "cifar10": ("train", "train", "test"),
     "cifar100": ("train", "train", "test"), "fashion-mnist": ("train", "train", "test"),
 }
+RESIZED_DATASETS = ("clutter", "imagefolder")   # their loaders draw or resize to `image_size`; the rest have one size
 
 def dataset_section(dataset: str = "clutter", image_size: int = 32, num_images: int | None = 256,
                     num_test_images: int | None = 128, clutter: float = 1.0,
                     object_area: Sequence[float] = DEFAULT_OBJECT_AREA, object_colour: float = 1.0) -> dict:
     """The `dataset` config section for a dataset name (splits from `DATASET_SPLITS`). The ClutterShapes knobs
     `clutter`, `object_area` and `object_colour` enter the section only when they differ from the defaults, so
-    that runs at the default dataset keep their cache keys."""
+    that runs at the default dataset keep their cache keys. Every section states `image_size`: the embedded data
+    and image folders are drawn / resized to it, datasets of fixed-size files are checked against it."""
     ssl, tr, te = DATASET_SPLITS.get(dataset, ("train", "train", "test"))
     sec = {"name": dataset, "ssl_split": ssl, "train_split": tr, "test_split": te}
     clutter, object_area, object_colour = check_clutter(clutter), check_object_area(object_area), check_object_colour(object_colour)
@@ -413,7 +422,7 @@ def dataset_section(dataset: str = "clutter", image_size: int = 32, num_images: 
     elif knobs:
         raise ConfigError(f"{' and '.join(knobs)} {'apply' if len(knobs) > 1 else 'applies'} to the embedded dataset (dataset='clutter') only, not {dataset!r}; "
                           "leave them at their defaults (clutter=1.0, object_area=[0.05, 0.4], object_colour=1.0)")
-    else: sec.update(num_images=None, num_test_images=None)
+    else: sec.update(image_size=image_size, num_images=None, num_test_images=None)
     return sec
 
 RECIPE_SECTIONS = ("backbone", "train", "methods", "vit")
@@ -465,8 +474,12 @@ def make_config(dataset: str = "clutter", image_size: int = 32, num_images: int 
         bb.update({"width": width, "stem": "small" if image_size <= 96 else "imagenet", "last_stride": 2, **r["backbone"],
                    **given(stem=stem, last_stride=last_stride)})
     train = {**_TRAIN_FALLBACK, **r["train"], **given(optimizer=optimizer, lr=lr, weight_decay=weight_decay)}
-    return {"dataset": {**dataset_section(dataset, image_size, num_images, num_test_images, clutter, object_area, object_colour),
-                        "num_val_images": num_val_images}, "backbone": bb,
+    ds = {**dataset_section(dataset, image_size, num_images, num_test_images, clutter, object_area, object_colour),
+          "num_val_images": num_val_images}
+    if ds["name"] == "imagefolder":   # the folder is the dataset: its path is part of the run's identity
+        if data_root is None: raise ConfigError("dataset='imagefolder' needs data_root=<folder with class subfolders, or train/ and test/ holding them>")
+        ds["root"] = str(Path(data_root).expanduser().resolve())
+    return {"dataset": ds, "backbone": bb,
             "method": method_section(method, recipe, **(method_kw or {})), "views": dict(views or {"name": "two_crop"}),
             "align": {"lam": 0.0, "target": "attention"},
             "train": {"epochs": epochs, "batch_size": batch_size, **train,
@@ -546,7 +559,8 @@ def finetune_run(pretrain_result: dict, label_fraction: float, seed: int = 0, ro
         sets = build_datasets({**pretrain_result["config"], "runtime": rt})
         enc = load_encoder(pretrain_result, device)
         out = finetune(enc, sets["train"], sets["test"], label_fraction, seed=seed, device=device, **kw)
-        return {"top1": float(out["top1"]), "num_labelled": int(out.get("num_labelled", 0)), "device": str(device)}
+        return {"top1": float(out["top1"]), "num_labelled": int(out.get("num_labelled", 0)), "steps": int(out["steps"]),
+                "device": _device_name(device)}
     return cached_run(cfg, fn, root=root, kind="finetune")
 
 # %% ../nbs/13_experiments.ipynb #62b080c7

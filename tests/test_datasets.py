@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from attnssl.core import ConfigError
+from official_formats import pickle_batch, save_png, write_stl10, write_tiny_imagenet
 from attnssl.datasets import (CIFAR10, CIFAR100, DATASET_STATS, STL10, CorruptImageError, FashionMNIST, ImageFolder,
                               LazyImageFolder, TensorDataset, TinyImageNet, collate_items, dataset_names, get_dataset,
                               make_loader, read_idx)
@@ -114,20 +115,9 @@ def test_registry_names_and_errors():
 
 # ---------------------------------------------------------------- STL-10 (official binary layout, written here)
 
-def _write_stl10(root, n_train=12, n_test=6, n_unl=5):
-    """stl10_binary/*.bin: uint8, each image as 3 planes stored column-major; labels 1..10 one byte each."""
-    d = Path(root) / "stl10_binary"; d.mkdir(parents=True)
-    out = {}
-    for split, n in [("train", n_train), ("test", n_test), ("unlabeled", n_unl)]:
-        imgs = _rand_images(n, 96, 96, seed=len(split))
-        (d / f"{split}_X.bin").write_bytes(imgs.numpy().transpose(0, 1, 3, 2).tobytes())  # (C,W,H) = column-major
-        labels = (torch.arange(n) * 3) % 10                                                    # 0-based truth
-        if split != "unlabeled": (d / f"{split}_y.bin").write_bytes((labels + 1).numpy().astype(np.uint8).tobytes())
-        out[split] = (imgs, labels)
-    folds = [" ".join(str((k + j) % n_train) for j in range(4)) for k in range(10)]
-    (d / "fold_indices.txt").write_text("\n".join(folds) + "\n")
-    (d / "class_names.txt").write_text("\n".join(["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]) + "\n")
-    return out
+def _write_stl10(root, **kw):
+    "The official STL-10 binary layout (tests/official_formats.py), truth as torch tensors."
+    return {k: (torch.from_numpy(x), torch.from_numpy(y)) for k, (x, y) in write_stl10(root, **kw).items()}
 
 @pytest.fixture(scope="module")
 def stl_root(tmp_path_factory):
@@ -190,9 +180,7 @@ def test_archive_checksum_and_download(stl_root, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- CIFAR-10/100 (python pickle batches)
 
-def _pickle_batch(path, **entries):
-    # the official files are Python 2 pickles: keys are byte strings once loaded with encoding="bytes"
-    with open(path, "wb") as f: pickle.dump({k.encode(): v for k, v in entries.items()}, f, protocol=2)
+_pickle_batch = pickle_batch
 
 def test_cifar10_round_trip(tmp_path):
     d = tmp_path / "cifar-10-batches-py"; d.mkdir()
@@ -226,29 +214,11 @@ def test_cifar100_fine_and_coarse(tmp_path):
 
 # ---------------------------------------------------------------- Tiny ImageNet (files read in place)
 
-def _save_png(path, arr):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, format="PNG")   # lossless content (PIL reads by content, not by extension)
+_save_png = save_png
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny"); d = root / "tiny-imagenet-200"
-    wnids = ["n0300", "n0100", "n0200"]                                   # unsorted on disk: classes are sorted
-    (d).mkdir(); (d / "wnids.txt").write_text("\n".join(wnids) + "\n")
-    (d / "words.txt").write_text("n0100\tgoldfish, Carassius auratus\nn0200\tcat\nn0300\tdog\nn9999\tother\n")
-    rng = np.random.default_rng(0); truth = {"train": [], "val": [], "test": []}
-    for w in wnids:
-        for k in range(2):
-            a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8); _save_png(d / "train" / w / "images" / f"{w}_{k}.JPEG", a)
-        (d / "train" / w / f"{w}_boxes.txt").write_text(f"{w}_0.JPEG\t0\t0\t10\t10\n")
-    ann = []
-    for k, w in enumerate(["n0200", "n0300", "n0100", "n0200"]):
-        a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8); _save_png(d / "val" / "images" / f"val_{k}.JPEG", a)
-        truth["val"].append((a, w)); ann.append(f"val_{k}.JPEG\t{w}\t1\t2\t30\t40")
-    (d / "val" / "val_annotations.txt").write_text("\n".join(ann) + "\n")
-    for k in range(3):
-        a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8); _save_png(d / "test" / "images" / f"test_{k}.JPEG", a)
-        truth["test"].append(a)
+    root = tmp_path_factory.mktemp("tiny"); write_tiny_imagenet(root)   # wnids unsorted on disk: classes are sorted
     return root
 
 def test_tiny_imagenet_splits_and_val_annotations(tiny_root):
