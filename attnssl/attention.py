@@ -200,10 +200,10 @@ class ViTAttentionSource(AttentionSource):
 
 # %% ../nbs/10_attention.ipynb #db38a2ae
 class FeatureNormSource(AttentionSource):
-    "Channel-wise L2 norm (`reduce='l2'`) or mean (`'mean'`) of a CNN encoder's final feature map."
+    "Channel-wise L2 norm (`reduce='l2'`), mean (`'mean'`) or sum (`'sum'`, ContrastiveCrop's code) of a CNN encoder's final feature map."
     def __init__(self, encoder: nn.Module, reduce: str = "l2", name: str = "feature_norm",
                  outside_pretraining: bool = False):
-        if reduce not in ("l2", "mean"): raise ConfigError(f"reduce={reduce!r}; use 'l2' or 'mean'")
+        if reduce not in ("l2", "mean", "sum"): raise ConfigError(f"reduce={reduce!r}; use 'l2', 'mean' or 'sum'")
         self.module, self.reduce, self.name, self.outside_pretraining = encoder, reduce, name, outside_pretraining
 
     def _maps(self, images, masks):
@@ -214,7 +214,7 @@ class FeatureNormSource(AttentionSource):
             raise ConfigError(f"the encoder's feature map has shape {tuple(fmap.shape)}; FeatureNormSource needs "
                               "an encoder whose forward(x, return_map=True) returns (pooled, fmap (B,C,h,w))")
         fmap = fmap.float()
-        a = fmap.norm(dim=1, keepdim=True) if self.reduce == "l2" else fmap.mean(1, keepdim=True)
+        a = fmap.norm(dim=1, keepdim=True) if self.reduce == "l2" else getattr(fmap, self.reduce)(1, keepdim=True)
         return a.clamp_min(0)
 
     def describe(self): return {**super().describe(), "reduce": self.reduce}

@@ -72,6 +72,10 @@ class TensorDataset(Dataset):
     def std(self) -> tuple:
         if self._std is None: self._mean, self._std = channel_stats(self.images)
         return self._std
+    @mean.setter
+    def mean(self, value): self._mean = tuple(map(float, value))   # e.g. a recipe's published constants
+    @std.setter
+    def std(self, value): self._std = tuple(map(float, value))
 
     def __len__(self) -> int: return len(self.images)
 

@@ -235,6 +235,7 @@ def _linear_eval_paper(enc, mod, train_set, test_set, C, hp, device, seed, fbs, 
         b0 = get_batch(train_set, idx_all[:2])
         dim = enc(normalize_images(b0["image"].to(device), train_set.mean, train_set.std)).shape[1]
     head = nn.Linear(dim, C).to(device)
+    nn.init.normal_(head.weight, std=0.01); nn.init.zeros_(head.bias)   # the paper protocol's head init
     opt = torch.optim.SGD(head.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp["milestones"]), gamma=0.1)
     bs = hp["batch_size"]

@@ -24,13 +24,13 @@ __all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATAS
            'lock_is_stale', 'run_lock', 'load_result', 'cached_run', 'build_datasets', 'build_backbone_from',
            'load_encoder', 'load_metrics', 'pretrain', 'build_attention_source', 'build_view_generator',
            'evaluate_encoder', 'run_pretrain', 'dataset_section', 'recipes_path', 'load_recipe', 'method_section',
-           'make_config', 'vit_source', 'attention_views', 'run_grid', 'finetune_run', 'reference_run',
+           'views_section', 'make_config', 'vit_source', 'attention_views', 'run_grid', 'finetune_run', 'reference_run',
            'reference_rows', 'source_maps', 'curves']
 
 # %% ../nbs/13_experiments.ipynb #dc0ed44f
 SECTIONS = ("dataset", "backbone", "method", "views", "align", "train", "eval", "seed")
 RUNTIME_KEYS = ("device", "data_root", "progress", "num_workers", "download")
-CACHE_VERSION = 2  # bump on ANY change in what training or evaluation does: a stale run is never reused
+CACHE_VERSION = 3  # bump on ANY change in what training or evaluation does: a stale run is never reused
 # v2: validation split carved from eval-train (kNN monitor on it), ResNet `stem`/`last_stride`, recipes, view roles
 #     (methods keep their symmetric loss under align), DINO runs save the teacher, metrics log `loss_method`
 
@@ -252,7 +252,7 @@ def cached_run(config: dict, fn: Callable[[dict, Path], dict], root=None, wait: 
 # %% ../nbs/13_experiments.ipynb #a9930324
 def _split_kw(ds: dict, which: str) -> dict:
     "get_dataset kwargs for split `which` (ssl / train / test) from the dataset section."
-    kw = {k: v for k, v in ds.items() if k not in ("name", "ssl_split", "train_split", "test_split", "root",
+    kw = {k: v for k, v in ds.items() if k not in ("name", "ssl_split", "train_split", "test_split", "root", "mean", "std",
                                                    "num_images", "num_test_images", "num_train_images", "num_val_images")}
     if ds["name"] not in RESIZED_DATASETS: kw.pop("image_size", None)   # fixed-size files: checked after loading
     n = ds.get("num_test_images") if which == "test" else ds.get("num_train_images", ds.get("num_images")) \
@@ -285,6 +285,8 @@ def build_datasets(config: dict) -> dict:
     for which in ("ssl", "test"):
         same = ds[f"{which}_split"] == ds["train_split"] and _split_kw(ds, which) == _split_kw(ds, "train")
         out[which] = out["train"] if same else load(which)
+    if "mean" in ds:   # the recipe's normalisation constants replace the dataset's
+        for s in {id(v): v for v in out.values() if v is not None}.values(): s.mean, s.std = tuple(ds["mean"]), tuple(ds["std"])
     side = ds.get("image_size")
     for which in ("ssl", "test"):   # a run states the size it trains at; files of another size are an error, not a silent resize
         got = tuple(getattr(out[which], "image_size", ()))
@@ -425,15 +427,16 @@ def dataset_section(dataset: str = "clutter", image_size: int = 32, num_images: 
     else: sec.update(image_size=image_size, num_images=None, num_test_images=None)
     return sec
 
-RECIPE_SECTIONS = ("backbone", "train", "methods", "vit")
+RECIPE_SECTIONS = ("backbone", "train", "methods", "views", "normalize", "vit")
 
 def recipes_path() -> Path:
     "The recipe file, beside profiles.yaml: `$ATTNSSL_TEMPLATES/recipes.yaml`, else `<repo>/nbs/experiments/recipes.yaml`."
     return Path(os.environ.get("ATTNSSL_TEMPLATES") or repo_root()/"nbs"/"experiments")/"recipes.yaml"
 
 def load_recipe(name: str | None, path: str | os.PathLike | None = None) -> dict:
-    """Recipe `name` of recipes.yaml (`extends` resolved, sections merged): `backbone`, `train`, `methods`, `vit`.
-    `None` is the empty recipe (every builder's own defaults)."""
+    """Recipe `name` of recipes.yaml (`extends` resolved, sections merged): `backbone`, `train`, `methods`, `views`
+    (per view generator), `normalize` (per dataset: mean, std), `vit`, and `sources` (where each value comes
+    from). `None` is the empty recipe (every builder's own defaults)."""
     empty = {s: {} for s in RECIPE_SECTIONS}
     if name is None: return empty
     import yaml
@@ -445,7 +448,7 @@ def load_recipe(name: str | None, path: str | os.PathLike | None = None) -> dict
     def resolve(n, seen=()):
         if n not in every: raise ConfigError(f"unknown recipe {n!r}; valid recipes are: {', '.join(every)}")
         if n in seen: raise ConfigError(f"recipe {n!r} extends itself (via {' -> '.join(seen)})")
-        r = every[n]; check_keys(r, ("description", "extends") + RECIPE_SECTIONS, f"recipe {n!r} key")
+        r = every[n]; check_keys(r, ("description", "extends", "sources") + RECIPE_SECTIONS, f"recipe {n!r} key")
         parent = resolve(r["extends"], seen + (n,)) if r.get("extends") else {}
         return _deep_merge(parent, {k: v for k, v in r.items() if k != "extends"})
     return {**empty, **resolve(name)}
@@ -453,6 +456,10 @@ def load_recipe(name: str | None, path: str | os.PathLike | None = None) -> dict
 def method_section(method: str, recipe: str | None = None, **kw) -> dict:
     "The `method` config section of `method`: the recipe's hyperparameters for it, then `kw`."
     return {"name": method, **load_recipe(recipe)["methods"].get(method, {}), **kw}
+
+def views_section(name: str, recipe: str | None = None, **kw) -> dict:
+    "The `views` config section of view generator `name`: the recipe's options for it, then `kw`."
+    return {"name": name, **load_recipe(recipe)["views"].get(name, {}), **kw}
 
 _TRAIN_FALLBACK = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4}   # without a recipe (DEFAULT_CONFIG's)
 
@@ -475,7 +482,7 @@ def make_config(dataset: str = "clutter", image_size: int = 32, num_images: int 
                    **given(stem=stem, last_stride=last_stride)})
     train = {**_TRAIN_FALLBACK, **r["train"], **given(optimizer=optimizer, lr=lr, weight_decay=weight_decay)}
     ds = {**dataset_section(dataset, image_size, num_images, num_test_images, clutter, object_area, object_colour),
-          "num_val_images": num_val_images}
+          "num_val_images": num_val_images, **r["normalize"].get(dataset, {})}   # the recipe's mean / std
     if ds["name"] == "imagefolder":   # the folder is the dataset: its path is part of the run's identity
         if data_root is None: raise ConfigError("dataset='imagefolder' needs data_root=<folder with class subfolders, or train/ and test/ holding them>")
         ds["root"] = str(Path(data_root).expanduser().resolve())

@@ -49,6 +49,7 @@ class Method(nn.Module):
     "Base of all methods: a backbone, `forward(views, batch, roles) -> dict`, `on_step_end`, `encode`."
     name: str = "method"
     num_views: int = 2
+    fixed_lr_modules: tuple = ()   # submodules the trainer keeps at the peak lr (SimSiam's fix_pred_lr)
 
     def __init__(self, backbone: nn.Module, target_view: str | None = None):
         super().__init__()
@@ -145,19 +146,24 @@ def fifo_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) ->
 
 # %% ../nbs/07_methods.ipynb #4e476f78
 class SimCLR(Method):
-    "SimCLR: projector + NT-Xent (temperature 0.5 default)."
+    """SimCLR: projector + NT-Xent (temperature 0.5 default). `proj_bn=False` drops the projector's BN (the
+    Linear-ReLU-Linear head of SimCLR v1 and of ContrastiveCrop's code); `loss_scale` multiplies the loss
+    (ContrastiveCrop scales it by temperature / 0.07)."""
     name = "simclr"
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int | None = None, proj_dim: int = 128,
-                 proj_layers: int = 2, temperature: float = 0.5, gather: bool = True):
+                 proj_layers: int = 2, temperature: float = 0.5, gather: bool = True, proj_bn: bool = True,
+                 loss_scale: float = 1.0):
         super().__init__(backbone)
-        self.temperature, self.gather = temperature, gather
-        self.projector = mlp(self.feat_dim, proj_hidden_dim or self.feat_dim, proj_dim, num_layers=proj_layers)
+        if not loss_scale > 0: raise ConfigError(f"loss_scale must be > 0, got {loss_scale}")
+        self.temperature, self.gather, self.loss_scale = temperature, gather, loss_scale
+        self.projector = mlp(self.feat_dim, proj_hidden_dim or self.feat_dim, proj_dim, num_layers=proj_layers,
+                             bn_hidden=proj_bn)
 
     def forward(self, views, batch=None, roles=None):
         self._check(views, roles)
         h = [self.backbone(v) for v in views]
         z = [self.projector(x) for x in h]
-        loss = nt_xent(z[0], z[1], self.temperature, gather=self.gather)
+        loss = self.loss_scale * nt_xent(z[0], z[1], self.temperature, gather=self.gather)
         return self._result(loss, z, h[0], z[0], z[1], self.temperature)
 
 # %% ../nbs/07_methods.ipynb #4750ca64
@@ -221,14 +227,16 @@ class MoCoV1(MoCoV2):
 
 # %% ../nbs/07_methods.ipynb #0c3820f6
 class BYOL(Method):
-    "BYOL: online projector + predictor regress an EMA target's projection (momentum .996 -> 1, cosine)."
+    """BYOL: online projector + predictor regress an EMA target's projection (momentum .996 -> 1, cosine).
+    `loss_scale` multiplies the loss (ContrastiveCrop's code sums the two directions of 2 - 2cos: scale 2)."""
     name = "byol"
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int | None = None, proj_dim: int = 128,
                  pred_hidden_dim: int | None = None, momentum: float = 0.996, momentum_schedule: str = "cosine",
-                 target_view: str | None = None):
+                 target_view: str | None = None, loss_scale: float = 1.0):
         super().__init__(backbone, target_view)
         self._check_schedule(momentum_schedule)
-        self.momentum, self.momentum_schedule = momentum, momentum_schedule
+        if not loss_scale > 0: raise ConfigError(f"loss_scale must be > 0, got {loss_scale}")
+        self.momentum, self.momentum_schedule, self.loss_scale = momentum, momentum_schedule, loss_scale
         hid = proj_hidden_dim or self.feat_dim
         self.projector = mlp(self.feat_dim, hid, proj_dim)
         self.predictor = mlp(proj_dim, pred_hidden_dim or hid, proj_dim)
@@ -243,7 +251,7 @@ class BYOL(Method):
             h[i] = self.backbone(views[i]); z[i] = self.projector(h[i]); p[i] = self.predictor(z[i])
         with torch.no_grad():
             for j in tgt: ht[j] = self.target_backbone(views[j]); zt[j] = self.target_projector(ht[j])
-        loss = torch.stack([byol_loss(p[i], zt[j]) for i, j in pairs]).mean()
+        loss = self.loss_scale * torch.stack([byol_loss(p[i], zt[j]) for i, j in pairs]).mean()
         zs = [z[i] if i in z else zt[i] for i in range(2)]
         return self._result(loss, zs, h[0] if 0 in h else ht[0], zs[0], zs[1])
 
@@ -253,11 +261,14 @@ class BYOL(Method):
 
 # %% ../nbs/07_methods.ipynb #abfb682c
 class SimSiam(Method):
-    "SimSiam: 3-layer BN projector, bottleneck predictor, negative cosine with stop-gradient."
+    """SimSiam: 3-layer BN projector, bottleneck predictor, negative cosine with stop-gradient. `fix_pred_lr`
+    keeps the predictor at the peak learning rate (SimSiam's recommended setting; the trainer reads
+    `fixed_lr_modules`)."""
     name = "simsiam"
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int | None = None, proj_dim: int | None = None,
-                 pred_hidden_dim: int | None = None, target_view: str | None = None):
+                 pred_hidden_dim: int | None = None, target_view: str | None = None, fix_pred_lr: bool = False):
         super().__init__(backbone, target_view)
+        self.fixed_lr_modules = ("predictor",) if fix_pred_lr else ()
         proj_dim = proj_dim or self.feat_dim
         self.projector = mlp(self.feat_dim, proj_hidden_dim or self.feat_dim, proj_dim, num_layers=3,
                              bn_last=True, last_affine=False)

@@ -36,6 +36,7 @@ class TrainConfig:
     momentum: float = 0.9            # SGD / LARS momentum (AdamW: beta1)
     warmup_epochs: float = 0.0       # linear warm-up from 0, per step
     schedule: str = "cosine"         # cosine | constant (after warm-up)
+    schedule_per: str = "step"       # step | epoch: granularity of warm-up and cosine (ContrastiveCrop: epoch)
     min_lr: float = 0.0              # floor of the cosine
     lars_eta: float = 0.02           # LARS trust coefficient
     grad_clip: float | None = None   # max global grad norm (None: off)
@@ -62,6 +63,8 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be 'sgd', 'lars' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.schedule_per not in ("step", "epoch"):
+            raise ConfigError(f"schedule_per must be 'step' or 'epoch', got {self.schedule_per!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be one of auto, fp32, bf16, fp16; got {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.knn_every < 1:
@@ -115,11 +118,18 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 def param_groups(module: nn.Module, weight_decay: float, exclude_1d: bool) -> list[dict]:
-    "Trainable parameters of `module`, split so tensors with < 2 dims (biases, norms) get no decay when `exclude_1d`."
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not exclude_1d: return [{"params": params, "weight_decay": weight_decay}]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True}]
+    """Trainable parameters of `module`, split so tensors with < 2 dims (biases, norms) get no decay when `exclude_1d`;
+    those of the submodules named in `module.fixed_lr_modules` go to groups marked `fixed_lr` (no schedule)."""
+    fixed = {id(p) for n in getattr(module, "fixed_lr_modules", ()) for p in module.get_submodule(n).parameters()}
+    groups = []
+    for is_fixed in (False, True):
+        params = [p for p in module.parameters() if p.requires_grad and (id(p) in fixed) == is_fixed]
+        if not params: continue
+        tag = {"fixed_lr": True} if is_fixed else {}
+        if not exclude_1d: groups.append({"params": params, "weight_decay": weight_decay, **tag}); continue
+        groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, **tag},
+                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True, **tag}]
+    return groups
 
 def build_optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     "SGD (decay on every tensor), LARS (biases/norms excluded) or AdamW (biases/norms excluded from decay)."
@@ -129,7 +139,7 @@ def build_optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.Optim
         return LARS(param_groups(module, config.weight_decay, True), lr=config.lr, momentum=config.momentum,
                     weight_decay=config.weight_decay, eta=config.lars_eta)
     groups = param_groups(module, config.weight_decay, True)
-    for g in groups: g.pop("lars_exclude", None)
+    for g in groups: g.pop("lars_exclude", None)   # AdamW keeps unknown group keys (fixed_lr) as they are
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999))
 
 # %% ../nbs/08_train.ipynb #1f3895b3
@@ -222,10 +232,12 @@ class Trainer:
             raise ConfigError(f"the training set ({len(self.train_set)} images) is smaller than one batch "
                               f"({c.batch_size}); lower batch_size")
         self.total_steps = c.epochs * self.steps_per_epoch
-        warm = round(c.warmup_epochs * self.steps_per_epoch)
-        ratio = c.min_lr / c.lr
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, warm, c.schedule, ratio))
+        ratio, spe = c.min_lr / c.lr, self.steps_per_epoch
+        if c.schedule_per == "epoch":   # the lr changes once per epoch: epoch e of every step decides
+            factor = lambda s: lr_factor(s // spe, c.epochs, round(c.warmup_epochs), c.schedule, ratio)
+        else: factor = lambda s: lr_factor(s, self.total_steps, round(c.warmup_epochs * spe), c.schedule, ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(   # groups marked fixed_lr stay at the peak lr
+            self.optimizer, [(lambda s: 1.0) if g.get("fixed_lr") else factor for g in self.optimizer.param_groups])
         self.probe = None
         if c.online_probe and getattr(self.train_set, "num_classes", 0) and hasattr(self.method, "encode"):
             self.probe = OnlineProbe(self._feature_dim(), self.train_set.num_classes, lr=c.probe_lr, seed=c.seed).to(self.device)

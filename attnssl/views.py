@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from .core import ConfigError, check_keys
@@ -239,11 +240,16 @@ def beta_centred_boxes(centre_box: Tensor, height: int, width: int, scale=(0.2, 
     return torch.stack([x0, y0, x0 + w, y0 + h], 1)
 
 class ContrastiveCropViews(ViewGenerator):
-    "ContrastiveCrop: RRC-sized crops centred by Beta(alpha, alpha) inside a per-image box from a heatmap."
+    """ContrastiveCrop: RRC-sized crops centred by Beta(alpha, alpha) inside a per-image box from a heatmap.
+    `heatmap`: 'l2' (ours: the channel L2 norm of the final feature map, boxes where it is >= k x its max on the
+    feature grid) or 'sum' (ContrastiveCrop's code: channel sum, min-max normalised, bilinearly upsampled to the
+    image, boxes where it is >= k)."""
     def __init__(self, light: nn.Module, normalize: nn.Module, num_images: int, size: int,
                  crop_scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), k: float = 0.1, alpha: float = 0.6,
                  warmup_epochs: int = 20, refresh_every: int | None = 20, source: AttentionSource | None = None,
-                 dataset=None, batch_size: int = 256, track_masks: bool = True):
+                 dataset=None, batch_size: int = 256, track_masks: bool = True, heatmap: str = "l2"):
+        if heatmap not in ("l2", "sum"): raise ConfigError(f"heatmap={heatmap!r}; use 'l2' (ours) or 'sum' (ContrastiveCrop's code)")
+        self.heatmap = heatmap
         if not 0 < k <= 1: raise ConfigError(f"k={k} must be in (0, 1]")
         if alpha <= 0: raise ConfigError(f"alpha={alpha} must be > 0")
         if refresh_every is not None and refresh_every < 1: raise ConfigError(f"refresh_every={refresh_every}; use >= 1 or None")
@@ -256,8 +262,12 @@ class ContrastiveCropViews(ViewGenerator):
 
     def _modules(self): return [self.light, self.normalize]
 
-    def update_boxes(self, indices: Tensor, maps: Tensor) -> Tensor:
-        "Set the boxes of `indices` from their heatmaps (B,1,h,w); returns the new boxes."
+    def update_boxes(self, indices: Tensor, maps: Tensor, image_hw: tuple[int, int] | None = None) -> Tensor:
+        "Set the boxes of `indices` from their heatmaps (B,1,h,w) of images of `image_hw`; returns the new boxes."
+        if self.heatmap == "sum":   # min-max per image, then to the image's resolution (constant maps stay degenerate)
+            a = maps.float(); lo, hi = a.amin((2, 3), keepdim=True), a.amax((2, 3), keepdim=True)
+            a = (a - lo) / (hi - lo).clamp_min(1e-12)
+            maps = F.interpolate(a, size=tuple(image_hw or a.shape[-2:]), mode="bilinear", align_corners=False)
         boxes = heatmap_boxes(maps, self.k).cpu()
         self.boxes[torch.as_tensor(indices).long().cpu()] = boxes
         self._note("fallback_count", sum(sanitize_maps(maps)[1].values()))
@@ -271,7 +281,7 @@ class ContrastiveCropViews(ViewGenerator):
             raise ConfigError("ContrastiveCrop's refresh needs a dataset and a heatmap source: pass them, or let the "
                               "trainer call on_epoch_start(epoch, trainer) (it uses the encoder being trained)")
         for batch, maps in iter_source_maps(dataset, source, self.batch_size):
-            self.update_boxes(batch["index"], maps)
+            self.update_boxes(batch["index"], maps, tuple(batch["image"].shape[-2:]))
         self.refreshed_at = epoch
 
     def on_epoch_start(self, epoch: int, trainer=None) -> None:
@@ -281,7 +291,7 @@ class ContrastiveCropViews(ViewGenerator):
         due = self.refreshed_at is None or (self.refresh_every is not None and epoch - self.refreshed_at >= self.refresh_every)
         if not due: return
         source = self.source
-        if source is None and trainer is not None: source = FeatureNormSource(trainer.method.backbone)
+        if source is None and trainer is not None: source = FeatureNormSource(trainer.method.backbone, reduce=self.heatmap)
         self.refresh(getattr(trainer, "train_set", None) if self.dataset is None else self.dataset, source, epoch)
 
     def generate(self, batch, epoch=0):
@@ -348,7 +358,7 @@ _OPTIONS = {
     "attention": _COMMON + ("cache", "source", "refresh_every", "batch_size", "mode", "s", "gamma", "beta", "t",
                             "fill", "crop", "warmup_epochs", "every"),
     "contrastive_crop": ("size", "crop_scale", "k", "alpha", "warmup_epochs", "refresh_every", "source",
-                         "batch_size", "track_masks"),
+                         "batch_size", "track_masks", "heatmap"),
 }
 AUGMENTS = ("simclr", "byol")
 
@@ -388,7 +398,7 @@ def build_views(name: str, dataset, **kw) -> ViewGenerator:
                                     k=kw.get("k", 0.1), alpha=kw.get("alpha", 0.6),
                                     warmup_epochs=kw.get("warmup_epochs", 20), refresh_every=kw.get("refresh_every", 20),
                                     source=source, dataset=dataset, batch_size=kw.get("batch_size", 256),
-                                    track_masks=track)
+                                    track_masks=track, heatmap=kw.get("heatmap", "l2"))
     # attention
     kind = kw.pop("augment", "simclr")
     warmup, every = kw.pop("warmup_epochs", 0), kw.pop("every", 1)

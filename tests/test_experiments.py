@@ -1,5 +1,5 @@
 """The run cache: reuse without re-running, interrupted runs never read as results, the lock."""
-import json, os, signal, subprocess, sys, textwrap, time
+import json, os, re, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
 import torch
@@ -187,4 +187,55 @@ def test_short_run_metrics_are_pinned(tmp_path):
     assert got == {k: v for k, v in PINNED.items() if k != "loss"}, got
     assert res["train"]["loss"] == pytest.approx(PINNED["loss"], abs=2e-3), res["train"]["loss"]
 
-PINNED = {"knn_top1": 3.1, "val_knn_top1": 25.0, "linear_top1": 9.4, "loss": 4.442}   # at CACHE_VERSION 2
+PINNED = {"knn_top1": 3.1, "val_knn_top1": 25.0, "linear_top1": 9.4, "loss": 4.442}   # unchanged since CACHE_VERSION 2
+
+# ---------------------------------------------------------------- the paper recipe, pinned (a change shows in review)
+
+PAPER_TRAIN = {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 0,
+               "schedule": "cosine", "schedule_per": "epoch", "min_lr": 0.05}
+PAPER_METHODS = {
+    "simclr": {"temperature": 0.5, "proj_dim": 128, "proj_bn": False, "loss_scale": 7.142857142857143},   # 0.5 / 0.07
+    "moco_v2": {"queue_size": 65536, "momentum": 0.999, "temperature": 0.2, "proj_dim": 128},
+    "moco_v1": {"queue_size": 65536, "momentum": 0.999},
+    "byol": {"momentum": 0.996, "momentum_schedule": "constant", "proj_dim": 128, "loss_scale": 2.0},
+    "simsiam": {"fix_pred_lr": True},
+}
+PAPER_NORMALIZE = {"stl10": ([0.4406, 0.4273, 0.3858], [0.2312, 0.2265, 0.2237]),
+                   "tiny-imagenet": ([0.4802, 0.4481, 0.3975], [0.2302, 0.2265, 0.2262]),
+                   "cifar10": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
+                   "cifar100": ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761])}
+
+
+def test_paper_recipe_is_pinned_with_a_source_for_every_value():
+    from attnssl.experiments import load_recipe, make_config, method_section, views_section
+    r = load_recipe("paper")
+    assert r["train"] == PAPER_TRAIN and r["backbone"] == {"stem": "small", "last_stride": 2}
+    assert r["methods"] == PAPER_METHODS
+    assert r["views"] == {"contrastive_crop": {"alpha": 0.1, "k": 0.1, "heatmap": "sum", "crop_scale": [0.2, 1.0]}}
+    assert {k: (v["mean"], v["std"]) for k, v in r["normalize"].items()} == PAPER_NORMALIZE
+    # every value has a source: a line of ContrastiveCrop's code, or "ours"
+    leaves = {f"backbone.{k}" for k in r["backbone"]} | {f"train.{k}" for k in r["train"]} | \
+             {f"methods.{m}.{k}" for m, hp in r["methods"].items() for k in hp} | \
+             {f"views.{v}.{k}" for v, o in r["views"].items() for k in o} | {f"normalize.{d}" for d in r["normalize"]} | \
+             {f"vit.{k}" for k in r["vit"]}
+    assert leaves == set(r["sources"]), leaves ^ set(r["sources"])
+    assert all(s.startswith("ours") or re.search(r"\.py\b", s) for s in r["sources"].values()), r["sources"]
+    # resolved into a run config
+    cfg = make_config(dataset="stl10", image_size=96, recipe="paper", method="byol", epochs=500, batch_size=512,
+                      linear_protocol="paper", linear_epochs=100)
+    assert cfg["method"] == {"name": "byol", **PAPER_METHODS["byol"]} and cfg["backbone"]["stem"] == "small"
+    assert (cfg["dataset"]["mean"], cfg["dataset"]["std"]) == PAPER_NORMALIZE["stl10"]
+    assert {k: cfg["train"][k] for k in PAPER_TRAIN} == PAPER_TRAIN
+    assert method_section("simsiam", "paper") == {"name": "simsiam", "fix_pred_lr": True}
+    assert views_section("contrastive_crop", "paper", warmup_epochs=100)["alpha"] == 0.1
+    assert views_section("contrastive_crop", "cpu", warmup_epochs=2) == {"name": "contrastive_crop", "warmup_epochs": 2}
+
+def test_recipe_normalisation_replaces_the_dataset_constants(tmp_path):
+    import sys; sys.path.insert(0, str(Path(__file__).parent))
+    from official_formats import write_cifar10
+    from attnssl.experiments import build_datasets, make_config
+    write_cifar10(tmp_path, n_per_batch=2, n_test=4)
+    sets = build_datasets(make_config(dataset="cifar10", image_size=32, recipe="paper", data_root=str(tmp_path)))
+    assert sets["ssl"].std == tuple(PAPER_NORMALIZE["cifar10"][1]) and sets["test"].mean == tuple(PAPER_NORMALIZE["cifar10"][0])
+    plain = build_datasets(make_config(dataset="cifar10", image_size=32, recipe="cpu", data_root=str(tmp_path)))
+    assert plain["ssl"].std != sets["ssl"].std
