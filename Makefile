@@ -13,7 +13,7 @@ PROFILE ?= small
 JOBS ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: install test reports export clean-nbs
+.PHONY: install test reports lab export clean-nbs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(STAMP)
 
 reports: $(STAMP)
 	$(VENV)/bin/attnssl reproduce --profile $(PROFILE) --jobs $(JOBS)
+
+# JupyterLab on the notebooks (adds the optional `lab` extra: JupyterLab and pandas)
+lab: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,lab]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(VENV)/bin/jupyter lab nbs
 
 # Developer helpers: notebooks are the source of truth; attnssl/ is generated.
 export: $(STAMP)

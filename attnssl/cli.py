@@ -14,27 +14,26 @@ from typing import Any, Callable, Sequence
 
 from .core import ConfigError, check_keys, git_commit, hardware_info
 from .experiments import repo_root
-from .reports import read_meta, write_index, write_meta
+from .reports import experiment_sort_key, read_meta, write_index, write_meta
 
 # %% auto #0
 __all__ = ['TEMPLATE_RE', 'PROFILE_KEYS', 'templates_dir', 'list_templates', 'parameter_cells', 'template_parameters',
            'template_title', 'profiles_path', 'load_profiles', 'profile_parameters', 'plan', 'execute_template',
-           'reproduce', 'build_parser', 'main']
+           'reproduce', 'build_parser', 'attention_command', 'main']
 
 # %% ../nbs/15_cli.ipynb #49209098
-TEMPLATE_RE = re.compile(r"^([EA]\d+)_[A-Za-z0-9_]+\.ipynb$")
+TEMPLATE_RE = re.compile(r"^([A-Z]\d+)_[A-Za-z0-9_]+\.ipynb$")   # id = a family letter and a number
 
 def templates_dir() -> Path:
     "Folder of the experiment templates (`$ATTNSSL_TEMPLATES`, else `<repo>/nbs/experiments`)."
     return Path(os.environ.get("ATTNSSL_TEMPLATES") or repo_root()/"nbs"/"experiments")
 
-def _id_order(i: str): return ({"E": 0, "A": 1}[i[0]], int(i[1:]))
 
 def list_templates(folder: str | os.PathLike | None = None) -> dict[str, Path]:
-    "`{id: path}` of the templates in `folder`, in study order (E0..E9, then A1..A6)."
+    "`{id: path}` of the templates in `folder` (any `<letter><number>_<name>.ipynb`), in study order: E, A, then others."
     folder = Path(folder) if folder else templates_dir()
     found = {m.group(1): p for p in folder.glob("*.ipynb") if (m := TEMPLATE_RE.match(p.name))}
-    return dict(sorted(found.items(), key=lambda kv: _id_order(kv[0])))
+    return dict(sorted(found.items(), key=lambda kv: experiment_sort_key(kv[0])))
 
 def _cells(nb_path: Path) -> list[dict]:
     return json.loads(Path(nb_path).read_text())["cells"]
@@ -160,7 +159,8 @@ def execute_template(nb: str | os.PathLike, out_dir: str | os.PathLike, params: 
         with _env(ATTNSSL_RUNS=str(Path(runs_root).expanduser().resolve()) if runs_root else None,
                   OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads):
             pm.execute_notebook(str(nb), str(d/nb.name), parameters=params, kernel_name="python3",
-                                progress_bar=False, cwd=str(d), log_output=False)
+                                progress_bar=False, cwd=str(d), log_output=False,
+                                extra_arguments=["--IPKernelApp.log_level=ERROR"])   # no transport warning per kernel
     except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
         status, error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     meta = {**meta, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -250,7 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "default, or cores / jobs); 1 is fastest on a machine shared with other jobs")
     r.add_argument("--jobs", type=int, default=1, help="templates run at once, each in its own process (default: 1)")
     sub.add_parser("list", help="list experiment templates and profiles")
+    a = sub.add_parser("attention", help="render attention maps (and the views built from them) of a ViT on a folder of images")
+    a.add_argument("--images", required=True, help="folder of images (class subfolders or flat)")
+    a.add_argument("--out", required=True, help="folder for the PNGs (one per image)")
+    a.add_argument("--checkpoint", help="a saved ViT: attention.save_vit_checkpoint's file, a DINO checkpoint or a timm state dict")
+    a.add_argument("--model-name", help="timm architecture, e.g. vit_small_patch16_224 (needed for a bare state dict)")
+    a.add_argument("--image-size", type=int, default=224, help="images are resized to this side (default: 224)")
+    a.add_argument("--limit", type=int, default=16, help="at most this many images (default: 16)")
+    a.add_argument("--block", type=int, default=-1, help="transformer block whose CLS attention is read (default: last)")
+    a.add_argument("--heads", default="mean", help="mean | max | a head index (default: mean)")
+    a.add_argument("--rollout", action="store_true", help="attention rollout instead of one block")
+    a.add_argument("-s", type=float, default=2.0, help="magnitude scale of the soft view (default: 2)")
+    a.add_argument("-t", type=float, default=0.6, help="attention mass kept by the hard view (default: 0.6)")
     return p
+
+def attention_command(args) -> list[Path]:
+    "`attnssl attention`: a ViT from a local checkpoint or timm name (no download) rendered by `reports.render_attention`."
+    from attnssl.attention import pretrained_vit_source
+    from attnssl.reports import render_attention
+    if not (args.checkpoint or args.model_name): raise ConfigError("attnssl attention needs --checkpoint FILE and/or --model-name NAME")
+    heads = int(args.heads) if str(args.heads).lstrip("-").isdigit() else args.heads
+    source = pretrained_vit_source(args.checkpoint, args.model_name, block=args.block, heads=heads, rollout=args.rollout)
+    return render_attention(source, args.images, args.out, args.image_size, args.limit, s=args.s, t=args.t)
 
 def main(argv: Sequence[str] | None = None) -> int:
     "Entry point of the `attnssl` console script."
@@ -260,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, path in list_templates().items(): print(f"{i:4s} {template_title(path)}  ({path.name})")
             for name, p in load_profiles().items(): print(f"profile {name}: {p.get('description', '')}")
             return 0
+        if args.command == "attention":
+            paths = attention_command(args)
+            print(f"attnssl attention: {len(paths)} image(s) -> {args.out}"); return 0
         reproduce(profile=args.profile, only=args.only, seeds=args.seeds, data_root=args.data_root, out=args.out,
                   runs_root=args.runs_root, force=args.force, set_params=_parse_set(args.set_params), threads=args.threads,
                   jobs=args.jobs)

@@ -141,3 +141,22 @@ def test_smoke_end_to_end(tmp_path, monkeypatch):
     results = [json.loads((p/"result.json").read_text()) for p in (tmp_path/"runs").iterdir() if (p/"result.json").exists()]
     assert len(results) == 3
     assert all(r["config"]["dataset"]["clutter"] == 0.5 and r["config"]["dataset"]["object_area"] == [0.2, 0.5] for r in results)
+
+def test_attention_command_renders_a_tiny_timm_vit(tmp_path, capsys):
+    "`attnssl attention` on a saved tiny random timm ViT and a folder of images: one PNG per image."
+    import timm, numpy as np
+    from PIL import Image
+    from attnssl.attention import save_vit_checkpoint
+    from attnssl.cli import main
+    kw = {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 0}
+    ckpt = save_vit_checkpoint(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw), tmp_path/"vit.pt",
+                               model_name="vit_tiny_patch16_224", **kw)
+    imgs = tmp_path/"imgs"; (imgs/"cat").mkdir(parents=True)
+    for k in range(3): Image.fromarray(np.full((40, 40, 3), 60 * k, np.uint8)).save(imgs/"cat"/f"{k}.png")
+    assert main(["attention", "--checkpoint", str(ckpt), "--images", str(imgs), "--out", str(tmp_path/"out"),
+                 "--image-size", "32", "--limit", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path/"out").glob("*.png")) == ["0_attention.png", "1_attention.png"]
+    assert "2 image(s)" in capsys.readouterr().out
+    assert main(["attention", "--images", str(imgs), "--out", str(tmp_path/"o2")]) == 2          # no model given
+    assert "--checkpoint" in capsys.readouterr().err
+    assert main(["attention", "--checkpoint", str(tmp_path/"nope.pt"), "--images", str(imgs), "--out", str(tmp_path/"o3")]) == 2

@@ -7,10 +7,17 @@ from attnssl.cli import list_templates, load_profiles, parameter_cells, profile_
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT/"nbs"/"experiments").glob("*.ipynb"))
-EXPECTED = [f"E{i}" for i in range(10)] + [f"A{i}" for i in range(1, 7)]
+IDS = list(list_templates(ROOT/"nbs"/"experiments"))   # discovered: a new family needs no change here
 
-def test_every_experiment_has_a_template():
-    assert list(list_templates(ROOT/"nbs"/"experiments")) == EXPECTED
+def test_every_notebook_in_the_folder_is_a_template_and_the_study_comes_first():
+    assert len(IDS) == len(TEMPLATES)
+    study = [f"E{i}" for i in range(10)] + [f"A{i}" for i in range(1, 7)]
+    assert IDS[:len(study)] == study
+
+def test_template_registry_is_open_to_new_families(tmp_path):
+    for name in ["H2_pixel.ipynb", "A1_x.ipynb", "F1_feature.ipynb", "E10_y.ipynb", "E2_z.ipynb", "notes.ipynb", "h3_lower.ipynb"]:
+        (tmp_path/name).write_text("{}")
+    assert list(list_templates(tmp_path)) == ["E2", "E10", "A1", "F1", "H2"]
 
 @pytest.mark.parametrize("nb", TEMPLATES, ids=[p.stem for p in TEMPLATES])
 def test_template_shape(nb):
@@ -32,11 +39,11 @@ def test_template_shape(nb):
 def test_profiles_valid(profile, monkeypatch):
     monkeypatch.setenv("ATTNSSL_TEMPLATES", str(ROOT/"nbs"/"experiments"))
     per = profile_parameters(profile)
-    assert set(per) == set(EXPECTED)
+    assert set(per) == set(IDS)
     for i, params in per.items():
         assert set(params) <= set(template_parameters(list_templates()[i]))
 
-HALVES = {"first": EXPECTED[:8], "second": EXPECTED[8:]}
+HALVES = {"first": IDS[:len(IDS) // 2], "second": IDS[len(IDS) // 2:]}
 
 @pytest.mark.parametrize("half", list(HALVES))
 def test_smoke_profile_runs_every_template(half, tmp_path):
