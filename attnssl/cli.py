@@ -17,9 +17,9 @@ from .experiments import repo_root
 from .reports import experiment_sort_key, read_meta, write_index, write_meta
 
 # %% auto #0
-__all__ = ['TEMPLATE_RE', 'PROFILE_KEYS', 'templates_dir', 'list_templates', 'parameter_cells', 'template_parameters',
-           'template_title', 'profiles_path', 'load_profiles', 'profile_parameters', 'plan', 'execute_template',
-           'reproduce', 'build_parser', 'attention_command', 'main']
+__all__ = ['TEMPLATE_RE', 'PROFILE_KEYS', 'PROGRESS_FILE', 'templates_dir', 'list_templates', 'parameter_cells',
+           'template_parameters', 'template_title', 'profiles_path', 'load_profiles', 'profile_parameters', 'plan',
+           'progress_line', 'execute_template', 'reproduce', 'build_parser', 'attention_command', 'main']
 
 # %% ../nbs/15_cli.ipynb #49209098
 TEMPLATE_RE = re.compile(r"^([A-Z]\d+)_[A-Za-z0-9_]+\.ipynb$")   # id = a family letter and a number
@@ -147,6 +147,17 @@ def plan(profile: str = "small", only: Sequence[str] | None = None, seeds: int |
         _check(set_params, sorted(used), "parameter", "--set")
     return result
 
+PROGRESS_FILE = ".progress.json"   # written by experiments.report_progress inside a template's kernel
+
+def progress_line(exp_id: str, out_dir: str | os.PathLike) -> str | None:
+    "What template `exp_id` is doing now (its grid, run and epoch), from its progress file; None before its first run."
+    try: st = json.loads((Path(out_dir)/PROGRESS_FILE).read_text())
+    except (OSError, ValueError): return None
+    run = Path(st["run_dir"])
+    epochs = sum(1 for l in (run/"metrics.jsonl").read_text().splitlines() if l.strip()) if (run/"metrics.jsonl").exists() else 0
+    where = "finished" if (run/"result.json").exists() else f"epoch {epochs}/{st.get('epochs', '?')}"
+    return f"  {exp_id}: {st.get('grid') or 'grid'} run {st['done'] + 1}/{st['total']} ({st['run']}), {where}"
+
 def execute_template(nb: str | os.PathLike, out_dir: str | os.PathLike, params: dict, meta: dict,
                      runs_root: str | None = None, threads: int | None = None) -> dict:
     """Execute one template with papermill into `out_dir`, write its `meta.json` (`meta` plus status, error,
@@ -157,16 +168,31 @@ def execute_template(nb: str | os.PathLike, out_dir: str | os.PathLike, params: 
     t0, status, error = time.time(), "ok", None
     try:
         with _env(ATTNSSL_RUNS=str(Path(runs_root).expanduser().resolve()) if runs_root else None,
-                  OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads):
+                  OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, ATTNSSL_PROGRESS=str(d/PROGRESS_FILE)):
             pm.execute_notebook(str(nb), str(d/nb.name), parameters=params, kernel_name="python3",
                                 progress_bar=False, cwd=str(d), log_output=False,
                                 extra_arguments=["--IPKernelApp.log_level=ERROR"])   # no transport warning per kernel
     except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
         status, error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    (d/PROGRESS_FILE).unlink(missing_ok=True)
     meta = {**meta, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "elapsed_s": round(time.time() - t0, 1), "status": status, "error": error}
     write_meta(d, **meta)
     return meta
+
+def _silent(s: str) -> None: pass
+
+def _watch_progress(running: list[tuple[str, str]], finished: dict, log: Callable, every: float = 30.0):
+    "A daemon thread logging each running template's progress line when it changes; returns the Event that stops it."
+    import threading
+    stop, last = threading.Event(), {}
+    def loop():
+        while not stop.wait(every):
+            for i, out in running:
+                line = None if i in finished else progress_line(i, out)
+                if line and line != last.get(i): log(line); last[i] = line
+    threading.Thread(target=loop, daemon=True).start()
+    return stop
 
 def reproduce(profile: str = "small", only: Sequence[str] | None = None, seeds: int | None = None,
               data_root: str | None = None, out: str | os.PathLike = "reports", runs_root: str | None = None,
@@ -176,7 +202,7 @@ def reproduce(profile: str = "small", only: Sequence[str] | None = None, seeds: 
     `jobs` templates run at once, each in its own process with `threads` CPU threads (default: cores / jobs)."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing
-    log = log or (lambda s: None)
+    log = log or _silent
     if jobs < 1: raise ConfigError(f"jobs must be at least 1, got {jobs}")
     threads = threads or (int(os.environ["ATTNSSL_THREADS"]) if os.environ.get("ATTNSSL_THREADS") else None)
     if threads is None and jobs > 1: threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -204,11 +230,15 @@ def reproduce(profile: str = "small", only: Sequence[str] | None = None, seeds: 
         summary[m["id"]] = m
         log(f"[{len(summary)}/{len(todo)}] {m['title']}: {m['status']} in {m['elapsed_s']:.1f}s"
             + (f" — {m['error']}" if m["error"] else ""))
-    if jobs == 1 or len(work) <= 1:
-        for w in work: done(execute_template(*w))
-    else:  # fresh interpreters: the kernels' thread settings and the run locks stay per process
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for f in as_completed([pool.submit(execute_template, *w) for w in work]): done(f.result())
+    stop = _watch_progress([(w[3]["id"], w[1]) for w in work], summary, log) if log is not _silent else None
+    try:
+        if jobs == 1 or len(work) <= 1:
+            for w in work: done(execute_template(*w))
+        else:  # fresh interpreters: the kernels' thread settings and the run locks stay per process
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for f in as_completed([pool.submit(execute_template, *w) for w in work]): done(f.result())
+    finally:
+        if stop is not None: stop.set()
     summary = {i: summary[i] for i in todo}
     header = {"profile": profile, "datasets": ", ".join(sorted({str(read_meta(out/i).get('dataset', '?')) for i in todo})),
               "hardware": hw["device"] + f" · torch {hw['torch']} · python {hw['python']}", "commit": commit,

@@ -24,8 +24,8 @@ __all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATAS
            'lock_is_stale', 'run_lock', 'load_result', 'cached_run', 'build_datasets', 'build_backbone_from',
            'load_encoder', 'load_metrics', 'pretrain', 'build_attention_source', 'build_view_generator',
            'evaluate_encoder', 'run_pretrain', 'dataset_section', 'recipes_path', 'load_recipe', 'method_section',
-           'views_section', 'make_config', 'vit_source', 'attention_views', 'run_grid', 'finetune_run', 'reference_run',
-           'reference_rows', 'source_maps', 'curves']
+           'views_section', 'make_config', 'vit_source', 'attention_views', 'report_progress', 'run_grid',
+           'finetune_run', 'reference_run', 'reference_rows', 'source_maps', 'curves']
 
 # %% ../nbs/13_experiments.ipynb #dc0ed44f
 SECTIONS = ("dataset", "backbone", "method", "views", "align", "train", "eval", "seed")
@@ -536,15 +536,23 @@ def _last_epoch(result: dict) -> dict:
     rows = load_metrics(result) if result.get("run_dir") else []
     return {k: v for k, v in (rows[-1] if rows else {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
+def report_progress(**fields) -> None:
+    """Tell `attnssl reproduce` which run a template is on: the fields go to the JSON file named by
+    `$ATTNSSL_PROGRESS` (set by the runner for each template's kernel); without it, nothing happens."""
+    path = os.environ.get("ATTNSSL_PROGRESS")
+    if path: atomic_write_json(Path(path), {**fields, "time": time.time()})
+
 def run_grid(base: dict, arms: dict[str, dict], seeds: int | Iterable[int] = 1, root=None,
              run: Callable | None = None, log: Callable | None = print, tag: str = "") -> list[dict]:
     "Run every arm (dotted-key update of `base`) for every seed through the cache; one row per run."
     seeds = range(seeds) if isinstance(seeds, int) else list(seeds)
     run = run or (lambda cfg: run_pretrain(cfg, root=root))
-    rows = []
+    rows, total = [], len(arms) * len(seeds)
     for arm, upd in arms.items():
         for s in seeds:
             cfg = override(base, {**(upd or {}), "seed": s})
+            report_progress(grid=tag, run=f"{arm} seed {s}", done=len(rows), total=total,
+                            run_dir=str(run_dir(cfg, root)), epochs=canonical_config(cfg)["train"].get("epochs"))
             t0 = time.time(); res = run(cfg)
             if log: log(f"{tag + ' ' if tag else ''}{arm} seed {s}: {'cached' if res.get('cached') else 'trained'} "
                         f"({res.get('key', '')}) in {time.time() - t0:.1f}s")

@@ -160,3 +160,18 @@ def test_attention_command_renders_a_tiny_timm_vit(tmp_path, capsys):
     assert main(["attention", "--images", str(imgs), "--out", str(tmp_path/"o2")]) == 2          # no model given
     assert "--checkpoint" in capsys.readouterr().err
     assert main(["attention", "--checkpoint", str(tmp_path/"nope.pt"), "--images", str(imgs), "--out", str(tmp_path/"o3")]) == 2
+
+def test_progress_of_a_template_from_its_kernel(tmp_path, monkeypatch):
+    "The kernel reports its grid position (experiments.report_progress); the runner reads it with the run's epochs."
+    from attnssl.cli import PROGRESS_FILE, progress_line
+    from attnssl.experiments import report_progress
+    out, run = tmp_path/"E3", tmp_path/"runs"/"abc"; out.mkdir(); run.mkdir(parents=True)
+    assert progress_line("E3", out) is None                               # before the first run
+    report_progress(grid="E3", run="byol / A seed 1", done=4, total=36, run_dir=str(run), epochs=15)
+    assert not (out/PROGRESS_FILE).exists()                                # no runner: nothing written
+    monkeypatch.setenv("ATTNSSL_PROGRESS", str(out/PROGRESS_FILE))
+    report_progress(grid="E3", run="byol / A seed 1", done=4, total=36, run_dir=str(run), epochs=15)
+    (run/"metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n')
+    assert progress_line("E3", out) == "  E3: E3 run 5/36 (byol / A seed 1), epoch 2/15"
+    (run/"result.json").write_text("{}")
+    assert progress_line("E3", out).endswith("finished")
