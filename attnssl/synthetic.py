@@ -206,13 +206,16 @@ def _one_thread():
     try: yield
     finally: torch.set_num_threads(n)
 
+def _check_unit(value, name: str, ends: str) -> float:
+    "`value` as a float in [0, 1], or a `ConfigError` naming the range and what its ends mean."
+    try: c = float(value)
+    except (TypeError, ValueError): c = float("nan")
+    if not 0.0 <= c <= 1.0: raise ConfigError(f"{name} must be a number in [0, 1] ({ends}), got {value!r}")
+    return c
+
 def check_clutter(clutter) -> float:
     "`clutter` as a float in [0, 1], or a `ConfigError` naming the range."
-    try: c = float(clutter)
-    except (TypeError, ValueError): c = float("nan")
-    if not 0.0 <= c <= 1.0:
-        raise ConfigError(f"clutter must be a number in [0, 1] (0 = plain background, 1 = full clutter), got {clutter!r}")
-    return c
+    return _check_unit(clutter, "clutter", "0 = plain background, 1 = full clutter")
 
 def check_object_area(object_area) -> tuple[float, float]:
     "`object_area` as `(min, max)` fractions with 0 < min <= max <= 0.6, or a `ConfigError` naming the range."
@@ -224,11 +227,7 @@ def check_object_area(object_area) -> tuple[float, float]:
 
 def check_object_colour(object_colour) -> float:
     "`object_colour` as a float in [0, 1], or a `ConfigError` naming the range."
-    try: c = float(object_colour)
-    except (TypeError, ValueError): c = float("nan")
-    if not 0.0 <= c <= 1.0:
-        raise ConfigError(f"object_colour must be a number in [0, 1] (0 = every object light grey, 1 = random colours), got {object_colour!r}")
-    return c
+    return _check_unit(object_colour, "object_colour", "0 = every object light grey, 1 = random colours")
 
 def generate_clutter(num_images: int, image_size: int = 32, seed: int = 0, split: str = "train",
                      clutter: float = 1.0, object_area: tuple = DEFAULT_OBJECT_AREA, object_colour: float = 1.0) -> dict:

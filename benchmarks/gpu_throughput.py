@@ -20,6 +20,7 @@ autocast), `bf16-cl` (plus channels-last), `bf16-cl-compile` (plus `torch.compil
 """
 from __future__ import annotations
 import argparse, contextlib, statistics, sys, time
+from pathlib import Path
 
 import torch
 
@@ -31,14 +32,13 @@ from attnssl.synthetic import ClutterShapes
 from attnssl.train import Trainer, TrainConfig
 from attnssl.views import build_views
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))        # the sibling script's timing helpers
+from train_throughput import samples_per_s, sync  # noqa: E402
+
 VARIANTS = {   # name -> (precision, channels_last, compile)
     "fp32": ("fp32", False, False), "bf16": ("bf16", False, False),
     "bf16-cl": ("bf16", True, False), "bf16-cl-compile": ("bf16", True, True),
 }
-
-
-def sync(device: torch.device):
-    if device.type == "cuda": torch.cuda.synchronize(device)
 
 
 def what_ran(variant: str, device: torch.device) -> str:
@@ -79,11 +79,8 @@ def backbone_throughput(variant: str, ds, a, device) -> float:
             with amp: loss = net(x).float().pow(2).mean()
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
 
-    backbone.train(); one_pass(); sync(device)
-    times = []
-    for _ in range(max(1, a.epochs - 1)):
-        t0 = time.perf_counter(); one_pass(); sync(device); times.append(time.perf_counter() - t0)
-    return n / statistics.median(times)
+    backbone.train()
+    return samples_per_s(one_pass, n, device, a.epochs)
 
 
 def parse(argv):

@@ -31,6 +31,15 @@ from attnssl.train import Trainer, TrainConfig
 from attnssl.views import build_views
 
 
+def samples_per_s(one_pass, n: int, device: torch.device, epochs: int) -> float:
+    "n / the median time of `one_pass` over epochs 2.. (the first is a warm-up), the device synchronised."
+    one_pass(); sync(device)
+    times = []
+    for _ in range(max(1, epochs - 1)):
+        t0 = time.perf_counter(); one_pass(); sync(device); times.append(time.perf_counter() - t0)
+    return n / statistics.median(times)
+
+
 def sync(device: torch.device):
     if device.type == "cuda": torch.cuda.synchronize(device)
 
@@ -61,11 +70,8 @@ def supervised_throughput(width: int, ds, a, device) -> float:
             loss = nn.functional.cross_entropy(head(backbone(x)), y_all[s:s + a.batch_size])
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
 
-    backbone.train(); one_pass(); sync(device)
-    times = []
-    for _ in range(max(1, a.epochs - 1)):
-        t0 = time.perf_counter(); one_pass(); sync(device); times.append(time.perf_counter() - t0)
-    return n / statistics.median(times)
+    backbone.train()
+    return samples_per_s(one_pass, n, device, a.epochs)
 
 
 def parse(argv):
