@@ -279,7 +279,7 @@ def normalize_max(maps: torch.Tensor, norm: str = "max") -> torch.Tensor:
     flat = maps.flatten(1)
     hi = flat.amax(1)[:, None, None, None]
     if norm == "max": return maps / hi.clamp_min(torch.finfo(maps.dtype).tiny)
-    if norm != "minmax": raise ConfigError(f"norm={norm!r}; use 'max' (METHODS 1.3) or 'minmax'")
+    if norm != "minmax": raise ConfigError(f"norm={norm!r}; use 'max' (nbs/method.ipynb, section 4) or 'minmax'")
     lo = flat.amin(1)[:, None, None, None]
     return torch.where(hi > lo, (maps - lo) / (hi - lo).clamp_min(torch.finfo(maps.dtype).tiny), torch.ones_like(maps))
 
@@ -575,7 +575,7 @@ class DinoViTConfig:
     "How the default attention ViT is trained (DINO, multi-crop) — small enough for a CPU profile."
     backbone: str = "vit"               # attnssl.models backbone; "vit" takes embed_dim/depth/num_heads below
     img_size: int = 32
-    patch_size: int = 4                 # patch 4 at 32 px (8x8 map), patch 8 at 64-96 px (METHODS 1.1)
+    patch_size: int = 4                 # patch 4 at 32 px (8x8 map), patch 8 at 64-96 px (nbs/method.ipynb, section 3)
     embed_dim: int = 64
     depth: int = 3
     num_heads: int = 2

@@ -526,8 +526,9 @@ def vit_source(base: dict, vit: str | None = None, patch_size: int | None = None
 
 def attention_views(source: dict, mode: str = "soft", s: float = 2.0, gamma: float = 1.0, beta: float = 0.0,
                     t: float = 0.6, crop=None, fill: str = "zero", **kw) -> dict:
-    """The `views` section of the attention view (METHODS 1.4): `source` from `vit_source` (or ground truth).
-    The defaults are written out so that an arm setting one of them explicitly hashes like the default arm."""
+    """The `views` section of the attention view (see nbs/method.ipynb, section 4): `source` from `vit_source`
+    (or ground truth). The defaults are written out so that an arm setting one of them explicitly hashes like
+    the default arm."""
     return {"name": "attention", "source": source, "mode": mode, "s": s, "gamma": gamma, "beta": beta, "t": t,
             "crop": crop, "fill": fill, **kw}
 

@@ -108,7 +108,7 @@ VIT_SIZES = {"tiny": dict(embed_dim=192, depth=12, num_heads=3),
              "base": dict(embed_dim=768, depth=12, num_heads=12)}
 
 def default_patch_size(img_size: int) -> int:
-    "Small-data default: patch 4 up to 32 px, patch 8 above (METHODS 1.1), 16 from 160 px up."
+    "Small-data default: patch 4 up to 32 px, patch 8 above (see nbs/method.ipynb, section 3), 16 from 160 px up."
     return 4 if img_size <= 32 else 8 if img_size < 160 else 16
 
 class ViT(nn.Module):

@@ -135,7 +135,7 @@ def test_contrastive_stats_identical_views():
     assert math.isnan(contrastive_stats(z[:1], z[:1], 0.1)["s_neg"].item())  # no negatives in a batch of one
 
 def test_p_pos_gradient_share():
-    "dL_i/ds_ij = -(1 - p_ij)/tau (METHODS 1.5): check on one anchor with autograd."
+    "dL_i/ds_ij = -(1 - p_ij)/tau, checked on one anchor with autograd (see nbs/method.ipynb, section 5: over-confidence of InfoNCE)."
     tau = 0.2; s = rnd(6, seed=10)                                        # similarities of anchor 0 to k=1..6; k=1 positive
     loss = -torch.log_softmax(s / tau, 0)[0]
     p = torch.softmax(s / tau, 0)[0]
@@ -175,7 +175,7 @@ def test_align_loss_symmetric_without_stop_gradient():
     assert torch.allclose(g_o, g_t2) and torch.allclose(g_t, g_o2)       # symmetric in its arguments
 
 def test_align_gradient_survives_where_infonce_saturates():
-    "METHODS 1.5/1.6: positives at cos 0.8 with near-orthogonal negatives, tau 0.05: InfoNCE's pull is ~0, align's is not."
+    "nbs/method.ipynb, sections 5-6: positives at cos 0.8 with near-orthogonal negatives, tau 0.05: InfoNCE's pull is ~0, align's is not."
     g = torch.Generator().manual_seed(0)
     z1 = F.normalize(torch.randn(64, 64, generator=g, dtype=D64), dim=1)
     u = torch.randn(64, 64, generator=g, dtype=D64); u = F.normalize(u - (u * z1).sum(1, keepdim=True) * z1, dim=1)

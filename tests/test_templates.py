@@ -1,5 +1,5 @@
-"""The experiment templates: one per item of METHODS 1.10, each with exactly one `parameters` cell, a python3
-kernel, no export cells; every profile only sets parameters its templates declare."""
+"""The experiment templates: one per experiment of nbs/method.ipynb, section 12 (experiments), each with exactly
+one `parameters` cell, a python3 kernel, no export cells; every profile only sets parameters its templates declare."""
 import json, os, re
 from pathlib import Path
 import pytest
