@@ -114,3 +114,15 @@ def test_diagnose_benchmark_appends_one_labelled_line(tmp_path):
     assert row["views"] == "oracle" and row["data"]["object_colour"] == 0.0 and row["data"]["val_images"] == 32
     assert 0 <= row["knn_init"] <= 100 and [e for e, _ in row["knn"]] == [1] and row["commit"]
     with pytest.raises(SystemExit): load_script("diagnose_benchmark").main(["--images", "64", "--out", str(out)])
+
+def test_view_weights_of_the_oracle_and_a_flat_map():
+    "benchmarks/view_weights.py: an object mask as the map keeps the object only; a flat map keeps everything."
+    import torch
+    mod = load_script("view_weights")
+    masks = torch.zeros(2, 1, 8, 8); masks[:, :, 2:4, 2:6] = 1                    # the object: 8 of 64 pixels
+    oracle = mod.view_weights(masks, masks, 8, s=2.0, t=0.6, norm="max")
+    assert oracle["weight on object"] == 100.0 and oracle["weight on background"] == 0.0 and oracle["mean weight"] == 12.5
+    flat = mod.view_weights(torch.ones(2, 1, 4, 4), masks, 8, s=2.0, t=0.6, norm="max")
+    assert flat["weight on background"] == 100.0 and flat["pixels at full weight"] == 100.0
+    b, params = mod.profile_base("small")
+    assert b["dataset"]["object_colour"] == 0.0 and params["vit_epochs"] == 10
