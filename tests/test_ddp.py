@@ -16,6 +16,7 @@ import torch.nn as nn
 from attnssl.core import ConfigError
 from attnssl.datasets import TensorDataset
 from attnssl.distributed import launch_local
+from attnssl.losses import nt_xent
 from attnssl.train import Trainer, TrainConfig, build_optimizer
 
 # fork: the children reuse the imported torch (spawn re-imports it: seconds of CPU per child)
@@ -154,8 +155,7 @@ def test_ddp_batchnorm_step_matches_per_rank_reference():
     params = dict(m.named_parameters())
     assert all(torch.equal(w0[k], w1[k]) for k in params)
     xs = [images(ds, o["simclr"]["index"]) for o in outs]
-    z = [torch.cat([m.projector(m.backbone(v)) for v in vs]) for vs in ([x for x in xs], [x.flip(-1) for x in xs])]
-    from attnssl.losses import nt_xent
+    z = [torch.cat([m.projector(m.backbone(v)) for v in vs]) for vs in (xs, [x.flip(-1) for x in xs])]
     nt_xent(z[0], z[1], 0.5).backward()
     build_optimizer(m, bn_cfg()).step()
     for k, p in params.items():
