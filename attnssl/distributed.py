@@ -17,7 +17,8 @@ from .core import ConfigError, get_device
 
 # %% auto #0
 __all__ = ['is_distributed', 'rank', 'world_size', 'local_rank', 'is_main_process', 'init_from_env', 'barrier', 'cleanup',
-           'gather_with_grad', 'gather_no_grad', 'all_reduce_mean', 'launch_local', 'check_gather']
+           'gather_with_grad', 'gather_no_grad', 'all_reduce_mean', 'rank_block', 'gather_rows', 'broadcast_buffers',
+           'launch_local', 'check_gather']
 
 # %% ../nbs/05_distributed.ipynb #99dffa0b
 def is_distributed() -> bool:
@@ -107,6 +108,42 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if is_distributed() and world_size() > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM); x /= world_size()
     return x
+
+# %% ../nbs/05_distributed.ipynb #e2c992be
+def rank_block(n: int) -> range:
+    "This rank's contiguous share of `range(n)`, in rank order, sizes differing by at most one (all of it when not distributed)."
+    r, w = rank(), world_size()
+    return range(n * r // w, n * (r + 1) // w)
+
+def _comm_device() -> torch.device:
+    "Where collectives of this group take tensors: the current GPU for NCCL, the CPU otherwise."
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+@torch.no_grad()
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    "Concatenate `x` from all ranks along dim 0 in rank order when ranks hold different numbers of rows (a rank may pass an empty tensor); detached, on `x`'s device."
+    if not is_distributed() or world_size() == 1: return x.detach()
+    meta = [None] * world_size()
+    dist.all_gather_object(meta, (len(x), tuple(x.shape[1:]), x.dtype) if len(x) else None)
+    kinds = {m[1:] for m in meta if m is not None}
+    if not kinds: return x.detach()
+    if len(kinds) > 1: raise ConfigError(f"gather_rows needs the same trailing shape and dtype on every rank, got {kinds}")
+    (tail, dtype), = kinds
+    counts = [m[0] if m is not None else 0 for m in meta]
+    buf = torch.zeros((max(counts), *tail), dtype=dtype, device=_comm_device())   # all_gather needs equal shapes
+    if len(x): buf[:len(x)] = x.detach()
+    parts = [torch.empty_like(buf) for _ in counts]
+    dist.all_gather(parts, buf)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(x.device)
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    "Copy rank `src`'s buffers of `module` (BatchNorm running statistics, queues, ...) to every rank; no-op when not distributed."
+    if not is_distributed() or world_size() == 1: return
+    for b in module.buffers():
+        t = b if b.is_contiguous() else b.contiguous()
+        dist.broadcast(t, src=src)
+        if t is not b: b.copy_(t)
 
 # %% ../nbs/05_distributed.ipynb #f10d33b4
 def _launch_entry(proc: int, fn: Callable, n: int, init_file: str, out_dir: str, backend: str, args: tuple) -> None:

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import ConfigError, autocast, check_keys, get_device
+from .distributed import gather_rows, rank_block
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'get_batch', 'dataset_labels', 'normalize_images', 'extract_features', 'knn_classify', 'linear_accuracy',
@@ -47,10 +48,15 @@ def _module_of(encoder) -> nn.Module | None:
     owner = getattr(encoder, "__self__", None)
     return owner if isinstance(owner, nn.Module) else None
 
+def _batch_starts(n: int, size: int, shard: bool) -> list[int]:
+    "First index of every batch of `size` over `range(n)`; with `shard`, only this rank's contiguous block of them."
+    starts = list(range(0, n, size))
+    return [starts[i] for i in rank_block(len(starts))] if shard else starts
+
 @torch.no_grad()
 def extract_features(encoder: Callable, dataset, batch_size: int = 256, device=None,
-                     mean=None, std=None) -> tuple[torch.Tensor, torch.Tensor]:
-    "Features `(N,D)` float32 (CPU) and labels `(N,)` of every image of `dataset`, in order, with `encoder` in eval mode."
+                     mean=None, std=None, shard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    "Features `(N,D)` float32 (CPU) and labels `(N,)` of every image of `dataset`, in order, with `encoder` in eval mode; `shard`: split over DDP ranks (call on every rank)."
     mod = _module_of(encoder)
     if device is None:
         p = next(mod.parameters(), None) if mod is not None else None
@@ -62,7 +68,7 @@ def extract_features(encoder: Callable, dataset, batch_size: int = 256, device=N
     if mod is not None: mod.eval()
     feats, labels = [], []
     try:
-        for start in range(0, len(dataset), batch_size):
+        for start in _batch_starts(len(dataset), batch_size, shard):
             idx = torch.arange(start, min(start + batch_size, len(dataset)))
             b = get_batch(dataset, idx)
             x = normalize_images(b["image"].to(device, non_blocking=True), mean, std)
@@ -71,14 +77,16 @@ def extract_features(encoder: Callable, dataset, batch_size: int = 256, device=N
             feats.append(f.float().cpu()); labels.append(torch.as_tensor(b["label"]).long().cpu())
     finally:
         if mod is not None: mod.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    if not shard: return torch.cat(feats), torch.cat(labels)
+    f, y = (torch.cat(feats), torch.cat(labels)) if feats else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    return gather_rows(f), gather_rows(y)          # a rank with no batch has no rows to add
 
 # %% ../nbs/09_evaluate.ipynb #5ecebe11
 @torch.no_grad()
 def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
                  k: int = 200, temperature: float = 0.1, num_classes: int | None = None,
-                 chunk: int = 1024, device=None) -> dict:
-    "Weighted kNN (cosine, weights exp(sim/T) summed per class): dict(top1[, top5]) in percent."
+                 chunk: int = 1024, device=None, shard: bool = False) -> dict:
+    "Weighted kNN (cosine, weights exp(sim/T) summed per class): dict(top1[, top5]) in percent; `shard`: split the queries over DDP ranks (call on every rank)."
     if k < 1 or temperature <= 0: raise ConfigError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     device = get_device(device) if device is not None else train_f.device
     keep, qkeep = train_y >= 0, test_y >= 0
@@ -89,7 +97,7 @@ def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
     C = num_classes or int(max(tr_y.max(), te_y.max())) + 1
     k = min(k, len(tr_y))
     correct1 = correct5 = 0
-    for s in range(0, len(te_y), chunk):
+    for s in _batch_starts(len(te_y), chunk, shard):
         sim = te_f[s:s + chunk] @ tr_f.T                     # (q, n)
         w, nn_idx = sim.topk(k, dim=1)
         scores = torch.zeros(len(w), C, device=device)
@@ -98,6 +106,7 @@ def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
         y = te_y[s:s + chunk, None]
         correct1 += (pred[:, :1] == y).sum().item()
         correct5 += (pred[:, :5] == y).any(1).sum().item()
+    if shard: correct1, correct5 = gather_rows(torch.tensor([[correct1, correct5]])).sum(0).tolist()
     out = {"top1": 100.0 * correct1 / len(te_y)}
     if C > 10: out["top5"] = 100.0 * correct5 / len(te_y)
     return out

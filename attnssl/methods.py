@@ -72,6 +72,11 @@ class Method(nn.Module):
         "The encoder a finished run keeps (saved, evaluated, read for attention maps): the trained backbone."
         return self.backbone
 
+    @property
+    def has_unused_parameters(self) -> bool:
+        "True when some training steps leave a trainable parameter without gradient (DDP must then look for it)."
+        return False
+
     def forward(self, views: Sequence[torch.Tensor], batch: dict | None = None,
                 roles: Sequence[str] | None = None) -> dict:
         raise NotImplementedError
@@ -379,6 +384,11 @@ class DINO(Method):
     def export_backbone(self) -> nn.Module:
         "The teacher backbone: what DINO evaluates and reads attention from."
         return self.teacher_backbone
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        "The prototype layer gets no gradient while it is frozen (`freeze_last_layer_steps`)."
+        return self.freeze_last_layer_steps > 0
 
     def forward(self, views, batch=None, roles=None):
         target = self._check(views, roles)

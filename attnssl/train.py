@@ -160,22 +160,15 @@ class _Meter:
         return out
 
 # %% ../nbs/08_train.ipynb #2ed365a3
-def _flat_all_reduce_mean(params: list[torch.Tensor]) -> None:
-    "Average the gradients of `params` over ranks with one flat all-reduce (missing grads count as zero)."
-    n = D.world_size()
-    if n <= 1: return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat); flat /= n
-    i = 0
-    for p, g in zip(params, grads):
-        k = g.numel(); p.grad = flat[i:i + k].view_as(p).clone(); i += k
+import inspect
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-def _broadcast_module(module: nn.Module) -> None:
-    "Copy rank 0's parameters and buffers to every rank."
-    if D.world_size() <= 1: return
-    for t in list(module.parameters()) + list(module.buffers()):
-        torch.distributed.broadcast(t.data, src=0)
+def _wrap_ddp(method: nn.Module, device: torch.device) -> nn.Module:
+    "`method` in DistributedDataParallel (gradients averaged over ranks during backward); its buffers are left to the trainer."
+    # no buffer broadcast before every forward (Trainer._sync_ranks does it once an epoch); newer torch renamed the flag
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(method, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=bool(getattr(method, "has_unused_parameters", False)), **{no_sync: False})
 
 # %% ../nbs/08_train.ipynb #ad34fe42
 class TrainingDiverged(RuntimeError):
@@ -212,14 +205,18 @@ class Trainer:
         if c.batch_size % self.world_size:
             raise ConfigError(f"batch_size {c.batch_size} is not divisible by world size {self.world_size}")
         m = self.method
-        if self.world_size > 1:
-            if c.sync_bn: m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+        if self.world_size > 1 and c.sync_bn:
+            if self.device.type == "cpu":
+                raise ConfigError("sync_bn=True needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU; set sync_bn=False")
+            m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
         self.method = m.to(self.device)
         backbone = getattr(self.method, "backbone", None)
         self.is_cnn = backbone is not None and not hasattr(backbone, "vit")
         self.channels_last = c.channels_last and self.device.type == "cuda" and self.is_cnn
         if self.channels_last: self.method.to(memory_format=torch.channels_last)
         if c.compile and backbone is not None: backbone.compile()
+        # what a training step calls: the method, or under DDP the method wrapped to average gradients over ranks
+        self.model = _wrap_ddp(self.method, self.device) if self.world_size > 1 else self.method
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
         self.params = [p for p in self.method.parameters() if p.requires_grad]
@@ -310,8 +307,6 @@ class Trainer:
         if p is None or not p.exists(): return False
         ck = torch.load(p, map_location=self.device, weights_only=False)
         self.load_state_dict(ck)
-        if self.world_size > 1:   # the checkpoint holds rank 0's RNG: give every rank its own stream again
-            seed_everything(self.config.seed + 1_000_003 * self.epoch + self.rank)
         if self.is_main:   # drop metric lines of epochs after the checkpoint (they will be redone)
             mp = self.out_dir/"metrics.jsonl"
             if mp.exists():
@@ -332,7 +327,6 @@ class Trainer:
         resumed = self._resume()
         if not resumed:
             seed_everything(c.seed + self.rank)
-            _broadcast_module(self.method)
             if self.is_main and self.out_dir is not None:
                 atomic_write_json(self.out_dir/"config.json", {"train": asdict(c), "hardware": hardware_info(),
                                                                 "commit": git_commit(), "world_size": self.world_size})
@@ -355,9 +349,16 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs}", leave=False, dynamic_ncols=True)
         return bar, bar
 
+    def _sync_ranks(self, epoch: int) -> None:
+        "Under DDP, start the epoch on every rank from what rank 0's checkpoint restores: its buffers, and a (seed, epoch, rank) RNG."
+        if self.world_size <= 1: return
+        D.broadcast_buffers(self.method)        # BatchNorm running statistics drift apart: each rank sees its own batches
+        seed_everything(self.config.seed + 1_000_003 * epoch + self.rank)   # the checkpoint holds rank 0's RNG only
+
     def train_epoch(self, epoch: int) -> dict:
         "One epoch of training, then evaluation; returns its metrics dict."
         c, dev = self.config, self.device
+        self._sync_ranks(epoch)
         self.method.train()
         if hasattr(self.views, "on_epoch_start"): self.views.on_epoch_start(epoch, self)
         self._call("on_epoch_start")
@@ -370,7 +371,7 @@ class Trainer:
             views = self.views(batch, epoch)
             if self.channels_last: views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             with self._autocast():
-                out = self.method(views, batch, roles=roles)
+                out = self.model(views, batch, roles=roles)
             loss = out["loss"]
             if not torch.isfinite(loss.detach()).item():
                 where = f"epoch {epoch} (0-based), step {i} of the epoch (global step {self.step})"
@@ -378,7 +379,6 @@ class Trainer:
                 raise TrainingDiverged(f"loss is {loss.item()} at {where}{kept}. Lower the lr, add warm-up or use fp32.")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
-            _flat_all_reduce_mean(self.params)
             self._call("on_after_backward")
             if c.grad_clip:
                 self.scaler.unscale_(self.optimizer)
@@ -409,24 +409,25 @@ class Trainer:
         m.update(lr=last_lr, epoch_time=dt, samples_per_s=n_seen / max(dt, 1e-9))
         if hasattr(self.views, "diagnostics"):
             m.update({f"views/{k}": v for k, v in self.views.diagnostics().items()})
-        if self.is_main and self.eval_sets and ((epoch + 1) % c.knn_every == 0 or epoch + 1 == c.epochs):
+        if self.eval_sets and ((epoch + 1) % c.knn_every == 0 or epoch + 1 == c.epochs):
             m.update(self.evaluate())
         return m
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        "kNN top-1 (top-5 with > 10 classes) and online-probe accuracy on every eval set."
+        "kNN top-1 (top-5 with > 10 classes) and online-probe accuracy on every eval set; under DDP call it on every rank."
         c, out = self.config, {}
+        D.broadcast_buffers(self.method)           # every rank encodes its share with rank 0's BatchNorm statistics
         enc = self.method.encode if hasattr(self.method, "encode") else self.method
         for name, (memory, test) in self.eval_sets.items():
             pre = f"{name}/" if name else ""
-            ftr, ytr = extract_features(enc, memory, c.eval_batch_size, self.device)
-            fte, yte = extract_features(enc, test, c.eval_batch_size, self.device)
+            ftr, ytr = extract_features(enc, memory, c.eval_batch_size, self.device, shard=True)
+            fte, yte = extract_features(enc, test, c.eval_batch_size, self.device, shard=True)
             if (ytr >= 0).any() and (yte >= 0).any():
                 r = knn_classify(ftr, ytr, fte, yte, k=c.knn_k, temperature=c.knn_temperature,
-                                 num_classes=getattr(test, "num_classes", None), device=self.device)
+                                 num_classes=getattr(test, "num_classes", None), device=self.device, shard=True)
                 out.update({f"{pre}knn_{k}": v for k, v in r.items()})
-                if self.probe is not None:
+                if self.probe is not None:             # each rank's own probe: rank 0's result is the one logged
                     self.probe.eval()
                     r = linear_accuracy(lambda f: self.probe(f.to(self.device)), fte, yte)
                     self.probe.train()
