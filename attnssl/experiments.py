@@ -24,8 +24,8 @@ __all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATAS
            'lock_is_stale', 'run_lock', 'load_result', 'cached_run', 'build_datasets', 'build_backbone_from',
            'load_encoder', 'load_metrics', 'pretrain', 'build_attention_source', 'build_view_generator',
            'evaluate_encoder', 'run_pretrain', 'dataset_section', 'recipes_path', 'load_recipe', 'method_section',
-           'views_section', 'make_config', 'vit_source', 'attention_views', 'report_progress', 'run_grid',
-           'finetune_run', 'reference_run', 'reference_rows', 'source_maps', 'curves']
+           'method_backbone', 'views_section', 'make_config', 'vit_source', 'attention_views', 'report_progress',
+           'run_grid', 'finetune_run', 'reference_run', 'reference_rows', 'source_maps', 'curves']
 
 # %% ../nbs/13_experiments.ipynb #dc0ed44f
 SECTIONS = ("dataset", "backbone", "method", "views", "align", "train", "eval", "seed")
@@ -434,8 +434,8 @@ def recipes_path() -> Path:
     return Path(os.environ.get("ATTNSSL_TEMPLATES") or repo_root()/"nbs"/"experiments")/"recipes.yaml"
 
 def load_recipe(name: str | None, path: str | os.PathLike | None = None) -> dict:
-    """Recipe `name` of recipes.yaml (`extends` resolved, sections merged): `backbone`, `train`, `methods`, `views`
-    (per view generator), `normalize` (per dataset: mean, std), `vit`, and `sources` (where each value comes
+    """Recipe `name` of recipes.yaml (`extends` resolved, sections merged): `backbone`, `train`, `methods` (an entry's
+    `backbone` holds backbone options for that method only), `views` (per view generator), `normalize` (per dataset: mean, std), `vit`, and `sources` (where each value comes
     from). `None` is the empty recipe (every builder's own defaults)."""
     empty = {s: {} for s in RECIPE_SECTIONS}
     if name is None: return empty
@@ -454,8 +454,13 @@ def load_recipe(name: str | None, path: str | os.PathLike | None = None) -> dict
     return {**empty, **resolve(name)}
 
 def method_section(method: str, recipe: str | None = None, **kw) -> dict:
-    "The `method` config section of `method`: the recipe's hyperparameters for it, then `kw`."
-    return {"name": method, **load_recipe(recipe)["methods"].get(method, {}), **kw}
+    "The `method` config section of `method`: the recipe's hyperparameters for it (its `backbone` entry aside), then `kw`."
+    hp = {k: v for k, v in load_recipe(recipe)["methods"].get(method, {}).items() if k != "backbone"}
+    return {"name": method, **hp, **kw}
+
+def method_backbone(method: str, recipe: str | None = None) -> dict:
+    "Backbone options a recipe sets for one method only (its `methods.<method>.backbone`; e.g. SimSiam's zero-init)."
+    return dict(load_recipe(recipe)["methods"].get(method, {}).get("backbone", {}))
 
 def views_section(name: str, recipe: str | None = None, **kw) -> dict:
     "The `views` config section of view generator `name`: the recipe's options for it, then `kw`."
@@ -479,7 +484,7 @@ def make_config(dataset: str = "clutter", image_size: int = 32, num_images: int 
     bb = {"name": backbone}
     if backbone.startswith("resnet"):
         bb.update({"width": width, "stem": "small" if image_size <= 96 else "imagenet", "last_stride": 2, **r["backbone"],
-                   **given(stem=stem, last_stride=last_stride)})
+                   **method_backbone(method, recipe), **given(stem=stem, last_stride=last_stride)})
     train = {**_TRAIN_FALLBACK, **r["train"], **given(optimizer=optimizer, lr=lr, weight_decay=weight_decay)}
     ds = {**dataset_section(dataset, image_size, num_images, num_test_images, clutter, object_area, object_colour),
           "num_val_images": num_val_images, **r["normalize"].get(dataset, {})}   # the recipe's mean / std

@@ -198,7 +198,7 @@ PAPER_METHODS = {
     "moco_v2": {"queue_size": 65536, "momentum": 0.999, "temperature": 0.2, "proj_dim": 128},
     "moco_v1": {"queue_size": 65536, "momentum": 0.999},
     "byol": {"momentum": 0.996, "momentum_schedule": "constant", "proj_dim": 128, "loss_scale": 2.0},
-    "simsiam": {"fix_pred_lr": True},
+    "simsiam": {"fix_pred_lr": True, "backbone": {"zero_init_residual": True}},
 }
 PAPER_NORMALIZE = {"stl10": ([0.4406, 0.4273, 0.3858], [0.2312, 0.2265, 0.2237]),
                    "tiny-imagenet": ([0.4802, 0.4481, 0.3975], [0.2302, 0.2265, 0.2262]),
@@ -226,7 +226,12 @@ def test_paper_recipe_is_pinned_with_a_source_for_every_value():
     assert cfg["method"] == {"name": "byol", **PAPER_METHODS["byol"]} and cfg["backbone"]["stem"] == "small"
     assert (cfg["dataset"]["mean"], cfg["dataset"]["std"]) == PAPER_NORMALIZE["stl10"]
     assert {k: cfg["train"][k] for k in PAPER_TRAIN} == PAPER_TRAIN
-    assert method_section("simsiam", "paper") == {"name": "simsiam", "fix_pred_lr": True}
+    assert method_section("simsiam", "paper") == {"name": "simsiam", "fix_pred_lr": True}   # its backbone entry aside
+    assert make_config(recipe="paper", method="simsiam")["backbone"]["zero_init_residual"] is True
+    assert "zero_init_residual" not in make_config(recipe="paper", method="simclr")["backbone"]
+    from attnssl.experiments import method_backbone, override
+    base = make_config(recipe="cpu")
+    assert method_backbone("simsiam", "cpu") == {} and override(base, {"backbone": {}}) == base   # cpu arms keep their keys
     assert views_section("contrastive_crop", "paper", warmup_epochs=100)["alpha"] == 0.1
     assert views_section("contrastive_crop", "cpu", warmup_epochs=2) == {"name": "contrastive_crop", "warmup_epochs": 2}
 
