@@ -1,5 +1,5 @@
-"""Where the model looks: ViT CLS attention (random, DINO-trained on our own data, or pretrained), a CNN
-feature-norm heatmap, or the ground-truth mask; one post-processing recipe; a per-index cache.
+"""Where the model looks: CLS attention of any ViT (random, saved, pretrained, or the DINO-trained one
+that `experiments` builds), a CNN feature-norm heatmap, or the ground-truth mask; one post-processing recipe; a per-index cache.
 
 Docs: https://attnssl.github.io/attnssl/attention.html.md"""
 
@@ -7,7 +7,7 @@ Docs: https://attnssl.github.io/attnssl/attention.html.md"""
 
 # %% ../nbs/10_attention.ipynb #330188c4
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, json, math
+import contextlib, math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import ConfigError, check_keys, cache_dir, atomic_torch_save, get_device
+from .core import ConfigError, check_keys, atomic_torch_save, get_device
 
 # %% auto #0
 __all__ = ['FALLBACKS', 'SOURCE_BUILDERS', 'unfused_attention', 'eval_mode', 'as_vit', 'patch_grid', 'cls_attention',
@@ -23,8 +23,7 @@ __all__ = ['FALLBACKS', 'SOURCE_BUILDERS', 'unfused_attention', 'eval_mode', 'as
            'CentrePriorSource', 'sanitize_maps', 'upsample', 'normalize_max', 'magnitude_scale', 'postprocess',
            'mass_threshold', 'soft_mask', 'hard_mask', 'mask_iou', 'mask_average_precision', 'map_entropy',
            'map_diagnostics', 'iter_source_maps', 'MapCache', 'save_vit_checkpoint', 'load_vit',
-           'pretrained_vit_source', 'build_attention_source', 'DinoViTConfig', 'dataset_fingerprint', 'train_dino_vit',
-           'dino_vit_source']
+           'pretrained_vit_source', 'build_attention_source']
 
 # %% ../nbs/10_attention.ipynb #2d3cca34
 class _StopForward(Exception):
@@ -538,13 +537,9 @@ def _random_vit_source(backbone: str = "vit_tiny", backbone_kwargs: dict | None 
         model = build_backbone(backbone, **(backbone_kwargs or {"img_size": 32}))
     return ViTAttentionSource(model.eval(), name=kw.pop("name", "random_vit"), **kw)
 
-def _dino_source(**kw):
-    return dino_vit_source(**kw)
-
 SOURCE_BUILDERS: dict[str, tuple[Callable, tuple]] = {
     "vit": (ViTAttentionSource, ("model", "outside_pretraining", *_VIT_KW)),
     "random_vit": (_random_vit_source, ("backbone", "backbone_kwargs", "seed", *_VIT_KW)),
-    "dino_vit": (_dino_source, ("dataset", "config", "device", "use_cache", "progress", *_VIT_KW)),
     "pretrained": (pretrained_vit_source, ("checkpoint", "model_name", "pretrained", "outside_pretraining",
                                            "model_kwargs", *_VIT_KW)),
     "feature_norm": (FeatureNormSource, ("encoder", "reduce", "name", "outside_pretraining")),
@@ -553,13 +548,15 @@ SOURCE_BUILDERS: dict[str, tuple[Callable, tuple]] = {
 }
 
 # what a source cannot be built without: (option, what it is)
-_REQUIRED = {"vit": ("model", "the ViT to read"), "dino_vit": ("dataset", "the unlabeled split the ViT trains on"),
+_REQUIRED = {"vit": ("model", "the ViT to read"),
              "feature_norm": ("encoder", "a CNN whose forward(x, return_map=True) gives its feature map")}
 
 def build_attention_source(name: str, **kw) -> AttentionSource:
     "An attention source by name (see the table above); unknown names, unknown or missing options raise `ConfigError`."
     if name not in SOURCE_BUILDERS:
-        raise ConfigError(f"unknown attention source {name!r}; valid sources are: {', '.join(sorted(SOURCE_BUILDERS))}")
+        hint = ("; a ViT trained with DINO on your data is a run: experiments.attention_source_of(experiments.vit_source("
+                "config), config, device)") if "dino" in str(name).lower() else ""
+        raise ConfigError(f"unknown attention source {name!r}; valid sources are: {', '.join(sorted(SOURCE_BUILDERS))}{hint}")
     fn, valid = SOURCE_BUILDERS[name]
     check_keys(kw, valid, f"option for attention source {name!r}")
     if name in _REQUIRED and kw.get(_REQUIRED[name][0]) is None:
@@ -568,98 +565,3 @@ def build_attention_source(name: str, **kw) -> AttentionSource:
                           f"source = attention.build_attention_source({name!r}, {opt}=...), and pass the source "
                           f"object (e.g. views.build_views('attention', dataset, source=source))")
     return fn(**kw)
-
-# %% ../nbs/10_attention.ipynb #4f0901ad
-@dataclasses.dataclass
-class DinoViTConfig:
-    "How the default attention ViT is trained (DINO, multi-crop) — small enough for a CPU profile."
-    backbone: str = "vit"               # attnssl.models backbone; "vit" takes embed_dim/depth/num_heads below
-    img_size: int = 32
-    patch_size: int = 4                 # patch 4 at 32 px (8x8 map), patch 8 at 64-96 px (nbs/method.ipynb, section 3)
-    embed_dim: int = 64
-    depth: int = 3
-    num_heads: int = 2
-    epochs: int = 6
-    batch_size: int = 32                # small batches: more updates per CPU second
-    lr: float = 5e-4                    # AdamW peak, after `warmup_epochs` of linear warm-up, cosine after
-    weight_decay: float = 0.04          # DINO's starting weight decay
-    warmup_epochs: float = 1.0
-    global_scale: tuple = (0.4, 1.0)    # DINO's global / local crop scales
-    local_size: int = 16
-    local_scale: tuple = (0.05, 0.4)
-    n_local: int = 2
-    out_dim: int = 256                  # DINO head: prototypes, hidden width, bottleneck (narrow for small data)
-    hidden_dim: int = 256
-    bottleneck_dim: int = 64
-    momentum: float = 0.99              # teacher EMA (0.996 in DINO; fewer steps here)
-    method_kwargs: dict = dataclasses.field(default_factory=dict)   # passed to build_method("dino", ...)
-    seed: int = 0
-
-    def backbone_kwargs(self) -> dict:
-        kw = dict(img_size=self.img_size, patch_size=self.patch_size)
-        if self.backbone == "vit": kw.update(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads)
-        return kw
-
-    def key(self, dataset=None) -> str:
-        "Hash of the configuration (and of the dataset's fingerprint): the cache key of the trained weights."
-        canon = lambda v: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else
-                           [canon(x) for x in v] if isinstance(v, (list, tuple)) else
-                           {k: canon(x) for k, x in v.items()} if isinstance(v, dict) else v)   # 1 == 1.0, (a,) == [a]
-        blob = json.dumps({"config": canon(dataclasses.asdict(self)),
-                           "data": dataset_fingerprint(dataset) if dataset is not None else None}, sort_keys=True, default=str)
-        return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
-def dataset_fingerprint(dataset) -> str:
-    "Class, length, image shape and a hash of the pixels (all of them when in memory, else the first 256)."
-    images = getattr(dataset, "images", None)
-    if not isinstance(images, torch.Tensor): images = _get_batch(dataset, torch.arange(min(256, len(dataset))))["image"]
-    h = hashlib.sha1(images.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
-    return f"{type(dataset).__name__}-{len(dataset)}-{tuple(images.shape[1:])}-{h}"
-
-def _teacher_backbone(method: nn.Module) -> nn.Module:
-    if callable(getattr(method, "export_backbone", None)): return method.export_backbone()   # DINO: the teacher
-    for name in ("teacher_backbone", "target_backbone", "momentum_backbone"):
-        if isinstance(getattr(method, name, None), nn.Module): return getattr(method, name)
-    for name in ("teacher", "target", "momentum_encoder"):
-        sub = getattr(method, name, None)
-        if isinstance(sub, nn.Module) and hasattr(getattr(sub, "backbone", sub), "vit"): return getattr(sub, "backbone", sub)
-    return method.backbone
-
-def train_dino_vit(dataset, config: DinoViTConfig | dict | None = None, device="auto", use_cache: bool = True,
-                   progress: bool = False) -> nn.Module:
-    "Train (or load from the cache) a ViT with DINO on `dataset` (labels unused); returns the frozen backbone."
-    from attnssl.models import build_backbone
-    if isinstance(config, dict): check_keys(config, [f.name for f in dataclasses.fields(DinoViTConfig)], "DinoViTConfig field")
-    config = DinoViTConfig(**config) if isinstance(config, dict) else (config or DinoViTConfig())
-    folder = cache_dir("attention", "dino_vit", config.key(dataset))
-    weights = folder/"vit.pt"
-    if use_cache and weights.is_file():
-        return load_vit(weights).eval().requires_grad_(False)
-    from attnssl.methods import build_method
-    from attnssl.train import Trainer, TrainConfig
-    from attnssl.views import build_views
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        hp = dict(n_local=config.n_local, out_dim=config.out_dim, hidden_dim=config.hidden_dim,
-                  bottleneck_dim=config.bottleneck_dim, momentum=config.momentum, **config.method_kwargs)
-        method = build_method("dino", build_backbone(config.backbone, **config.backbone_kwargs()), **hp)
-    views = build_views("multi_crop", dataset, global_scale=config.global_scale, local_size=config.local_size,
-                        local_scale=config.local_scale, n_local=config.n_local, track_masks=False)
-    train_cfg = TrainConfig(epochs=config.epochs, batch_size=min(config.batch_size, len(dataset)), optimizer="adamw",
-                            lr=config.lr, weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
-                            seed=config.seed, device=str(get_device(device)), online_probe=False, progress=progress,
-                            out_dir=str(folder/"run") if use_cache else None)
-    Trainer(method, views, dataset, train_cfg).fit()
-    backbone = _teacher_backbone(method).cpu().eval()
-    if use_cache:
-        save_vit_checkpoint(backbone, weights, backbone=config.backbone, **config.backbone_kwargs())
-        from attnssl.core import atomic_write_json
-        atomic_write_json(folder/"config.json", {"config": dataclasses.asdict(config), "data": dataset_fingerprint(dataset)})
-    return backbone.requires_grad_(False)
-
-def dino_vit_source(dataset, config: DinoViTConfig | dict | None = None, device="auto", use_cache: bool = True,
-                    progress: bool = False, **source_kw) -> ViTAttentionSource:
-    "The default attention source: `train_dino_vit(dataset, config)` frozen, read by `ViTAttentionSource`."
-    if dataset is None: raise ConfigError("the 'dino_vit' source trains on a dataset: pass dataset= (the unlabeled SSL split)")
-    vit = train_dino_vit(dataset, config, device, use_cache, progress)
-    return ViTAttentionSource(vit.to(get_device(device)), name=source_kw.pop("name", "dino_vit"), **source_kw)

@@ -222,13 +222,6 @@ def _check_split(split: str, valid: Iterable[str], dataset: str) -> str:
         raise ConfigError(f"{dataset} has no split {split!r}; valid splits are: {', '.join(valid)}")
     return split
 
-@register_dataset("clutter")
-def _build_clutter(split="train", root=None, download=False, **kw):
-    "The embedded ClutterShapes set (`root` and `download` are ignored: it is generated and cached)."
-    from attnssl.synthetic import ClutterShapes
-    check_keys(kw, ["num_images", "image_size", "seed", "clutter", "object_area", "object_colour", "cache"], "clutter option")
-    return ClutterShapes(split=split, **kw)
-
 # %% ../nbs/02_datasets.ipynb #8b183177
 class CorruptImageError(ConfigError):
     "An image or data file that cannot be read; the message names the file and the fix."

@@ -22,7 +22,7 @@ from .synthetic import DEFAULT_OBJECT_AREA, check_clutter, check_object_area, ch
 __all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATASET_SPLITS', 'RESIZED_DATASETS', 'RECIPE_SECTIONS',
            'REFERENCES', 'override', 'canonical_config', 'config_key', 'repo_root', 'runs_root', 'run_dir', 'RunLocked',
            'lock_is_stale', 'run_lock', 'load_result', 'cached_run', 'build_datasets', 'build_backbone_from',
-           'load_encoder', 'load_metrics', 'pretrain', 'build_attention_source', 'build_view_generator',
+           'load_encoder', 'load_metrics', 'pretrain', 'attention_source_of', 'build_view_generator',
            'evaluate_encoder', 'run_pretrain', 'dataset_section', 'recipes_path', 'load_recipe', 'method_section',
            'method_backbone', 'views_section', 'make_config', 'vit_source', 'attention_views', 'report_progress',
            'run_grid', 'finetune_run', 'reference_run', 'reference_rows', 'source_maps', 'curves']
@@ -347,9 +347,10 @@ def pretrain(config: dict, directory: Path) -> dict:
     out.update(evaluate_encoder(encoder, sets, {**ev, "val_knn": "val_knn_top1" not in out}, device, cfg["seed"]))
     return out
 
-def build_attention_source(spec: dict | None, cfg: dict, device):
-    """An attention source from its config: `{"name": "vit", "pretrain": <config of a ViT run>, **kw}` (the ViT
-    is trained through `run_pretrain`, so cached and shared), `{"name": "ground_truth"}` (oracle masks) or
+def attention_source_of(spec: dict | None, cfg: dict, device):
+    """An attention source from its config: `{"name": "vit", "pretrain": <config of a ViT run>, **kw}` (from
+    `vit_source`: the ViT is trained through `run_pretrain`, so cached and shared; the one way the package trains
+    an attention ViT), `{"name": "ground_truth"}` (oracle masks) or
     `{"name": "feature_norm", "pretrain": <config>}` (a CNN's feature-norm map) or `{"name": "centre_prior"}` (a fixed
 centred blob: the control that knows nothing about the image). None stays None."""
     if spec is None: return None
@@ -370,10 +371,10 @@ centred blob: the control that knows nothing about the image). None stays None."
     raise ConfigError(f"unknown attention source {name!r}; valid sources are: vit, ground_truth, feature_norm, centre_prior")
 
 def build_view_generator(cfg: dict, ssl_set, device):
-    "The view generator of a config: `views.name` + options (`views.source` is built by `build_attention_source`)."
+    "The view generator of a config: `views.name` + options (`views.source` is built by `attention_source_of`)."
     from attnssl import views as V
     v = copy.deepcopy(cfg["views"]); name = v.pop("name")
-    if "source" in v: v["source"] = build_attention_source(v["source"], cfg, device)
+    if "source" in v: v["source"] = attention_source_of(v["source"], cfg, device)
     for k in ("crop", "crop_scale"):
         if isinstance(v.get(k), list): v[k] = tuple(v[k])
     return V.build_views(name, ssl_set, **v)
@@ -627,7 +628,7 @@ def source_maps(spec: dict, cfg: dict, dataset, n: int | None = 64, device=None)
     "Raw maps of attention source `spec` on the first `n` images of `dataset`: dict(images uint8, masks|None, maps)."
     from attnssl import attention as A
     device = get_device(device or cfg.get("runtime", {}).get("device", "auto"))
-    src = build_attention_source(spec, cfg, device)
+    src = attention_source_of(spec, cfg, device)
     imgs, masks, maps, count = [], [], [], 0
     for batch, m in A.iter_source_maps(dataset, src, batch_size=min(256, n or 256), device=device):
         imgs.append(batch["image"].cpu()); maps.append(m.cpu()); count += len(m)

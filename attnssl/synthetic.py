@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .core import ConfigError, atomic_torch_save, cache_dir
-from .datasets import DATASET_STATS, TensorDataset, _mix_seed
+from .core import ConfigError, atomic_torch_save, cache_dir, check_keys
+from .datasets import DATASET_STATS, TensorDataset, _mix_seed, register_dataset
 
 # %% auto #0
 __all__ = ['CLASSES', 'GENERATOR_VERSION', 'DEFAULT_NUM_IMAGES', 'DEFAULT_OBJECT_AREA', 'OBJECT_GREY', 'CHUNK', 'shape_sdf',
@@ -286,3 +286,10 @@ class ClutterShapes(TensorDataset):
 
     def __repr__(self) -> str:
         return f"ClutterShapes(split={self.split!r}, n={len(self)}, image_size={self.images.shape[-1]}, seed={self.seed}, clutter={self.clutter:g}, object_area={self.object_area}, object_colour={self.object_colour:g})"
+
+# %% ../nbs/01_synthetic.ipynb #6d2f4a82
+@register_dataset("clutter")
+def _build_clutter(split="train", root=None, download=False, **kw):
+    "The embedded ClutterShapes set (`root` and `download` are ignored: it is generated and cached)."
+    check_keys(kw, ["num_images", "image_size", "seed", "clutter", "object_area", "object_colour", "cache"], "clutter option")
+    return ClutterShapes(split=split, **kw)

@@ -360,7 +360,7 @@ class Trainer:
         c, dev = self.config, self.device
         self._sync_ranks(epoch)
         self.method.train()
-        if hasattr(self.views, "on_epoch_start"): self.views.on_epoch_start(epoch, self)
+        if hasattr(self.views, "on_epoch_start"): self.views.on_epoch_start(epoch, encoder=getattr(self.method, "backbone", None), dataset=self.train_set)
         self._call("on_epoch_start")
         meter, probe = _Meter(), _Meter()
         t0, n_seen = time.perf_counter(), 0

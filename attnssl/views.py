@@ -42,8 +42,9 @@ class ViewGenerator:
         "Views, and per view the batch's foreground mask under the same geometry (None if the batch has none)."
         raise NotImplementedError
 
-    def on_epoch_start(self, epoch: int, trainer=None) -> None:
-        "Called by the trainer before each epoch: resets the diagnostics (subclasses refresh caches here)."
+    def on_epoch_start(self, epoch: int, *, encoder: nn.Module | None = None, dataset=None) -> None:
+        """Called by the trainer before each epoch with the encoder being trained and the training set: resets
+        the diagnostics (subclasses refresh caches here)."""
         self.reset_diagnostics()
 
     def state_dict(self) -> dict: return {}
@@ -197,11 +198,11 @@ class AttentionViews(ViewGenerator):
         self._note_views(views, [map1, map2], (H, W))
         return views, [map1, map2]
 
-    def on_epoch_start(self, epoch: int, trainer=None) -> None:
-        "Reset diagnostics; refresh the cache if it is due (interval training I2)."
-        super().on_epoch_start(epoch, trainer)
+    def on_epoch_start(self, epoch: int, *, encoder: nn.Module | None = None, dataset=None) -> None:
+        "Reset diagnostics; refresh the cache over `dataset` if it is due (interval training I2)."
+        super().on_epoch_start(epoch, encoder=encoder, dataset=dataset)
         if self.cache is not None and hasattr(self.cache, "maybe_refresh"):
-            self.cache.maybe_refresh(epoch, getattr(trainer, "train_set", None))
+            self.cache.maybe_refresh(epoch, dataset)
 
     def state_dict(self) -> dict:
         return {"cache": self.cache.state_dict()} if hasattr(self.cache, "state_dict") else {}
@@ -279,20 +280,20 @@ class ContrastiveCropViews(ViewGenerator):
         source = source or self.source
         if dataset is None or source is None:
             raise ConfigError("ContrastiveCrop's refresh needs a dataset and a heatmap source: pass them, or let the "
-                              "trainer call on_epoch_start(epoch, trainer) (it uses the encoder being trained)")
+                              "trainer call on_epoch_start(epoch, encoder=..., dataset=...) (the encoder being trained)")
         for batch, maps in iter_source_maps(dataset, source, self.batch_size):
             self.update_boxes(batch["index"], maps, tuple(batch["image"].shape[-2:]))
         self.refreshed_at = epoch
 
-    def on_epoch_start(self, epoch: int, trainer=None) -> None:
-        "After warm-up, refresh the boxes every `refresh_every` epochs from the encoder being trained."
-        super().on_epoch_start(epoch, trainer)
+    def on_epoch_start(self, epoch: int, *, encoder: nn.Module | None = None, dataset=None) -> None:
+        "After warm-up, refresh the boxes every `refresh_every` epochs from `encoder` (the one being trained)."
+        super().on_epoch_start(epoch, encoder=encoder, dataset=dataset)
         if epoch < self.warmup_epochs: return
         due = self.refreshed_at is None or (self.refresh_every is not None and epoch - self.refreshed_at >= self.refresh_every)
         if not due: return
         source = self.source
-        if source is None and trainer is not None: source = FeatureNormSource(trainer.method.backbone, reduce=self.heatmap)
-        self.refresh(getattr(trainer, "train_set", None) if self.dataset is None else self.dataset, source, epoch)
+        if source is None and encoder is not None: source = FeatureNormSource(encoder, reduce=self.heatmap)
+        self.refresh(dataset if self.dataset is None else self.dataset, source, epoch)
 
     def generate(self, batch, epoch=0):
         x, masks = self._prepare(batch)
@@ -337,9 +338,9 @@ class IntervalViews(ViewGenerator):
 
     def view_roles(self, epoch: int = 0) -> tuple[str, ...]: return self.active(epoch).view_roles(epoch)
 
-    def on_epoch_start(self, epoch: int, trainer=None) -> None:
+    def on_epoch_start(self, epoch: int, *, encoder: nn.Module | None = None, dataset=None) -> None:
         self._epoch = epoch
-        self.active(epoch).on_epoch_start(epoch, trainer)
+        self.active(epoch).on_epoch_start(epoch, encoder=encoder, dataset=dataset)
 
     def diagnostics(self) -> dict:
         return {**self.active(self._epoch).diagnostics(), "attention_epoch": float(self.uses_views(self._epoch))}

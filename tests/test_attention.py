@@ -310,29 +310,6 @@ def test_factory_names():
     assert src.maps(torch.randn(1, 3, 32, 32)).shape == (1, 1, 8, 8) and not src.outside_pretraining
 
 
-def test_dino_vit_source_trains_once_then_loads_from_cache(monkeypatch, tmp_path):
-    from attnssl.datasets import TensorDataset
-    from attnssl.attention import DinoViTConfig, dino_vit_source, dataset_fingerprint
-    monkeypatch.setenv("ATTNSSL_CACHE", str(tmp_path))
-    toy = ToyData(n=16)
-    data = TensorDataset(toy.images, torch.zeros(16, dtype=torch.long), masks=toy.masks, classes=["x"])
-    cfg = dict(epochs=1, batch_size=8, embed_dim=32, depth=2, num_heads=2, n_local=1, local_size=16,
-               out_dim=32, hidden_dim=32, bottleneck_dim=16, warmup_epochs=0)
-    src = dino_vit_source(data, cfg, device="cpu", block=0)
-    assert src.name == "dino_vit" and not src.outside_pretraining and src.block == 0
-    files = list((tmp_path / "attention" / "dino_vit").glob("*/vit.pt"))
-    assert len(files) == 1 and (files[0].parent / "run" / "last.pt").is_file()
-    assert not any(p.requires_grad for p in src.vit.parameters())
-    x = torch.randn(2, 3, 32, 32)
-    again = build_attention_source("dino_vit", dataset=data, config=cfg, device="cpu", block=0)  # loaded, not trained
-    assert torch.allclose(again.maps(x), src.maps(x), atol=1e-6)
-    assert DinoViTConfig(**cfg).key(data) != DinoViTConfig(**{**cfg, "epochs": 2}).key(data)
-    assert DinoViTConfig(**cfg).key(data) == DinoViTConfig(**{**cfg, "epochs": 1.0, "global_scale": [0.4, 1]}).key(data)
-    other = TensorDataset(toy.images.flip(0), torch.zeros(16, dtype=torch.long), classes=["x"])
-    assert dataset_fingerprint(other) != dataset_fingerprint(data)
-    with pytest.raises(ConfigError, match="DinoViTConfig"): dino_vit_source(data, {"epoch": 1})
-
-
 def test_minmax_normalisation_option():
     raw = torch.tensor([[1.0, 1.05], [1.1, 1.2]])[None, None]
     assert torch.equal(postprocess(raw), torch.ones_like(raw))                   # a/max with s=2 saturates a flat map
@@ -345,23 +322,15 @@ def test_minmax_normalisation_option():
 
 
 def test_sources_that_need_an_input_say_which():
-    "A name alone cannot build 'dino_vit' (needs the dataset) and the like: a ConfigError names the option."
+    "A name alone cannot build 'vit' (needs the model) and the like: a ConfigError names the option."
     from attnssl.views import build_views
-    with pytest.raises(ConfigError, match=r"'dino_vit' needs dataset="): build_attention_source("dino_vit")
     with pytest.raises(ConfigError, match=r"needs encoder="): build_attention_source("feature_norm")
     with pytest.raises(ConfigError, match=r"needs model="): build_attention_source("vit")
-    with pytest.raises(ConfigError, match=r"build_attention_source\('dino_vit', dataset=\.\.\.\)"):
-        build_views("attention", ToyData(n=4), source="dino_vit")
-
-
-def test_train_dino_vit_keeps_the_teacher(monkeypatch, tmp_path):
-    "The library's DINO ViT and the method's export_backbone() are the teacher, not the student."
-    from attnssl.attention import _teacher_backbone
-    from attnssl.methods import build_method
-    from attnssl.models import build_backbone
-    dino = build_method("dino", build_backbone("vit", embed_dim=16, depth=1, num_heads=2, img_size=16),
-                        out_dim=16, hidden_dim=16, bottleneck_dim=8)
-    assert _teacher_backbone(dino) is dino.export_backbone() is dino.teacher_backbone
+    with pytest.raises(ConfigError, match=r"build_attention_source\('vit', model=\.\.\.\)"):
+        build_views("attention", ToyData(n=4), source="vit")
+    # no name trains a ViT: that is a run, and the error says which one
+    with pytest.raises(ConfigError, match=r"unknown attention source 'dino_vit'.*experiments\.attention_source_of"):
+        build_attention_source("dino_vit", dataset=ToyData(n=4))
 
 
 def _write_image_folder(root, classes=("cat", "dog"), n=6, size=32, seed=0):

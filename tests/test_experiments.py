@@ -244,3 +244,23 @@ def test_recipe_normalisation_replaces_the_dataset_constants(tmp_path):
     assert sets["ssl"].std == tuple(PAPER_NORMALIZE["cifar10"][1]) and sets["test"].mean == tuple(PAPER_NORMALIZE["cifar10"][0])
     plain = build_datasets(make_config(dataset="cifar10", image_size=32, recipe="cpu", data_root=str(tmp_path)))
     assert plain["ssl"].std != sets["ssl"].std
+
+def test_attention_vit_is_a_run_trained_once_then_loaded(tmp_path, monkeypatch):
+    """The one way to a trained attention ViT: `vit_source(config)` describes the DINO run, `attention_source_of`
+    trains it through the run cache once, then loads it; the source reads that run's frozen encoder."""
+    from attnssl import experiments as E
+    from attnssl.attention import ViTAttentionSource
+    monkeypatch.setenv("ATTNSSL_RUNS", str(tmp_path))
+    base = E.make_config(num_images=16, num_test_images=8, batch_size=8, knn_k=3, device="cpu")
+    spec = E.vit_source(base, vit="vit_tiny", patch_size=8, epochs=1, depth=1, embed_dim=24, n_local=1,
+                        dino_kw={"out_dim": 16, "hidden_dim": 16, "bottleneck_dim": 8}, block=0)
+    src = E.attention_source_of(spec, base, "cpu")
+    assert isinstance(src, ViTAttentionSource) and src.block == 0 and not src.outside_pretraining
+    folder = E.run_dir(spec["pretrain"])
+    assert folder.parent == tmp_path.resolve() and E.load_result(folder)["config"]["method"]["name"] == "dino"
+    x = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(E, "pretrain", lambda *a: pytest.fail("the cached ViT run was trained again"))
+    again = E.attention_source_of(spec, base, "cpu")
+    assert torch.allclose(again.maps(x), src.maps(x), atol=1e-6) and again.maps(x).shape == (2, 1, 4, 4)
+    encoder = torch.load(folder/"encoder.pt")        # the run's exported backbone (DINO: the teacher)
+    assert all(torch.equal(v, encoder[k]) for k, v in again.module.state_dict().items())

@@ -46,7 +46,7 @@ class _Views:
     num_views, roles = 2, None
     def __call__(self, batch, epoch):
         x = (batch["image"].float() / 255 - 0.5) / 0.25; return [x, x.flip(-1)]
-    def on_epoch_start(self, epoch, trainer): pass
+    def on_epoch_start(self, epoch, **kw): pass
     def state_dict(self): return {}
     def load_state_dict(self, s): pass
 

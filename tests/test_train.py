@@ -56,9 +56,9 @@ class ToyViews:
         flip = torch.rand(len(x)) < 0.5
         v2 = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x) + 0.1 * torch.randn_like(x)
         return [(x - 0.5) / 0.25, (v2 - 0.5) / 0.25]
-    def on_epoch_start(self, epoch, trainer):
-        assert trainer.epoch == epoch and trainer.method is not None and trainer.train_set is not None
-        assert trainer.device.type == "cpu"; self.epochs_seen.append(epoch)
+    def on_epoch_start(self, epoch, *, encoder=None, dataset=None):
+        assert isinstance(encoder, nn.Module) and dataset is not None   # the method's backbone and the training set
+        self.epochs_seen.append(epoch)
     def state_dict(self): return {"calls": self.calls}
     def load_state_dict(self, state): self.calls = state["calls"]
 

@@ -190,25 +190,39 @@ class _TinyCNN(nn.Module):
         return (f.mean((2, 3)), f) if return_map else f.mean((2, 3))
 
 
-class _Trainer:  # what ContrastiveCropViews reads from the trainer
-    def __init__(self, ds):
-        self.train_set = ds
-        self.method = nn.Module(); self.method.backbone = _TinyCNN()
-
-
 def test_contrastive_crop_refresh_schedule_and_warmup():
+    "The trainer hands the generator the encoder being trained and the training set, nothing else."
     ds = _dataset()
     cc = ContrastiveCropViews(light_augment(24), NORM, len(ds), 24, k=0.9, warmup_epochs=2, refresh_every=3, batch_size=4)
-    tr = _Trainer(ds)
+    encoder = _TinyCNN()
     refreshed = []
     for epoch in range(8):
         before = cc.refreshed_at
-        cc.on_epoch_start(epoch, tr)
+        cc.on_epoch_start(epoch, encoder=encoder, dataset=ds)
         if cc.refreshed_at != before: refreshed.append(epoch)
         views = cc(_batch(ds), epoch)
         assert len(views) == 2 and views[0].shape == (len(ds), 3, 24, 24)
     assert refreshed == [2, 5]
     assert not torch.equal(cc.boxes, torch.tensor([[0.0, 0, 1, 1]]).repeat(len(ds), 1))
+    with pytest.raises(TypeError): cc.on_epoch_start(5, encoder)         # keywords only: no trainer in the slot
+    fresh = ContrastiveCropViews(light_augment(24), NORM, len(ds), 24, warmup_epochs=0, batch_size=4)
+    with pytest.raises(ConfigError, match="encoder="): fresh.on_epoch_start(0, dataset=ds)   # no encoder, no source
+
+
+def test_schedules_and_attention_views_forward_the_encoder_and_dataset():
+    "IntervalViews hands on_epoch_start's encoder and dataset to the active generator; AttentionViews refreshes over the dataset."
+    ds = _dataset()
+    cc = ContrastiveCropViews(light_augment(24), NORM, len(ds), 24, k=0.9, warmup_epochs=0, refresh_every=None, batch_size=4)
+    iv = IntervalViews(TwoCropViews(simclr_augment(24), NORM), cc, warmup_epochs=1)
+    iv.on_epoch_start(0, encoder=_TinyCNN(), dataset=ds)
+    assert cc.refreshed_at is None                                      # epoch 0: the base generator
+    iv.on_epoch_start(1, encoder=_TinyCNN(), dataset=ds)
+    assert cc.refreshed_at == 1 and not torch.equal(cc.boxes, torch.tensor([[0.0, 0, 1, 1]]).repeat(len(ds), 1))
+    cache = MapCache(GroundTruthSource(), refresh_every=2, batch_size=4).build(ds)
+    cache.dataset = None                                                # as after a resume: the dataset comes from the trainer
+    att = AttentionViews(simclr_augment(32), light_augment(), NORM, cache)
+    att.on_epoch_start(1, dataset=ds); assert cache.builds == 1
+    att.on_epoch_start(2, dataset=ds); assert cache.builds == 2 and cache.epoch == 2
 
 
 def test_contrastive_crop_boxes_from_ground_truth_contain_object():
@@ -354,7 +368,7 @@ def test_lazy_folder_views(tmp_path, lazy):
 
 
 def test_build_views_names_the_fix_for_a_source_that_needs_a_dataset():
-    with pytest.raises(ConfigError, match=r"'dino_vit' needs dataset="):
-        build_views("attention", _dataset(), source="dino_vit")
+    with pytest.raises(ConfigError, match=r"'vit' needs model="):
+        build_views("attention", _dataset(), source="vit")
     with pytest.raises(ConfigError, match=r"'feature_norm' needs encoder="):
         build_views("contrastive_crop", _dataset(), source="feature_norm")
