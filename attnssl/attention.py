@@ -21,9 +21,9 @@ from .core import ConfigError, check_keys, atomic_torch_save, get_device
 __all__ = ['FALLBACKS', 'SOURCE_BUILDERS', 'unfused_attention', 'eval_mode', 'as_vit', 'patch_grid', 'cls_attention',
            'attention_rollout', 'AttentionSource', 'ViTAttentionSource', 'FeatureNormSource', 'GroundTruthSource',
            'CentrePriorSource', 'sanitize_maps', 'upsample', 'normalize_max', 'magnitude_scale', 'postprocess',
-           'mass_threshold', 'soft_mask', 'hard_mask', 'mask_iou', 'mask_average_precision', 'map_entropy',
-           'map_diagnostics', 'iter_source_maps', 'MapCache', 'save_vit_checkpoint', 'load_vit',
-           'pretrained_vit_source', 'build_attention_source']
+           'mass_threshold', 'hard_mask', 'mask_iou', 'mask_average_precision', 'map_entropy', 'map_diagnostics',
+           'iter_source_maps', 'MapCache', 'save_vit_checkpoint', 'load_vit', 'pretrained_vit_source',
+           'build_attention_source']
 
 # %% ../nbs/10_attention.ipynb #2d3cca34
 class _StopForward(Exception):
@@ -307,11 +307,6 @@ def mass_threshold(maps: torch.Tensor, t: float = 0.6) -> torch.Tensor:
     k = (cum < need).sum(1, keepdim=True).clamp_max(flat.shape[1] - 1)   # first position reaching t
     level = vals.gather(1, k)
     return (flat >= level).reshape(a.shape)
-
-def soft_mask(maps: torch.Tensor, s: float = 2.0, gamma: float = 1.0, beta: float = 0.0,
-              size: int | tuple[int, int] | None = None, norm: str = "max") -> torch.Tensor:
-    "`postprocess` with the scale parameters first (the views module's call order)."
-    return postprocess(maps, size, s, gamma, beta, norm=norm)
 
 def hard_mask(maps: torch.Tensor, t: float = 0.6, size: int | tuple[int, int] | None = None) -> torch.Tensor:
     "Mass-thresholded mask at `size` (bilinear upsampling of the raw map first)."

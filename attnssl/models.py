@@ -18,7 +18,7 @@ from .core import ConfigError, check_keys
 
 # %% auto #0
 __all__ = ['STEMS', 'VIT_SIZES', 'BACKBONES', 'BasicBlock', 'Bottleneck', 'ResNet', 'default_patch_size', 'ViT', 'build_backbone',
-           'mlp', 'cosine_momentum', 'EMA', 'convert_sync_bn']
+           'mlp', 'cosine_momentum', 'EMA']
 
 # %% ../nbs/04_models.ipynb #856386d7
 def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
@@ -214,8 +214,3 @@ class EMA:
         if len(tp) != len(op): raise ConfigError("EMA target and online networks have different parameters")
         if tp: torch._foreach_lerp_(tp, op, 1.0 - momentum)
         for bt, bo in zip(self.target.buffers(), self.online.buffers()): bt.copy_(bo)
-
-# %% ../nbs/04_models.ipynb #321fcc61
-def convert_sync_bn(module: nn.Module) -> nn.Module:
-    "Every BatchNorm*d in `module` replaced by SyncBatchNorm (for DDP; call before wrapping)."
-    return nn.SyncBatchNorm.convert_sync_batchnorm(module)

@@ -89,6 +89,15 @@ class ViewGenerator:
             self._note(f"fg_view{i}", fg.sum(), fg.numel())                  # share of the view that is object
             self._note(f"missed_view{i}", (fg < 0.01).sum(), fg.numel())     # views with (almost) no object
 
+    def _apply_each(self, pipelines: Sequence[nn.Module], x: Tensor, masks: Tensor | None) -> tuple[list, list]:
+        "One normalised view (and its mask) per augmentation pipeline, noted for the diagnostics."
+        views, maps = [], []
+        for aug in pipelines:
+            v, m = aug(x, masks)
+            views.append(self.normalize(v)); maps.append(m)
+        self._note_views(views, maps, x.shape[-2:])
+        return views, maps
+
 # %% ../nbs/11_views.ipynb #320587ee
 def _pair(augment) -> tuple:
     "An augmentation pair from one pipeline (used twice) or a pair of pipelines."
@@ -106,13 +115,7 @@ class TwoCropViews(ViewGenerator):
     def _modules(self): return [*self.augs, self.normalize]
 
     def generate(self, batch, epoch=0):
-        x, masks = self._prepare(batch)
-        views, maps = [], []
-        for aug in self.augs:
-            v, m = aug(x, masks)
-            views.append(self.normalize(v)); maps.append(m)
-        self._note_views(views, maps, x.shape[-2:])
-        return views, maps
+        return self._apply_each(self.augs, *self._prepare(batch))
 
 class MultiCropViews(ViewGenerator):
     "DINO's multi-crop: 2 global crops (`global_augment`, one pipeline or a pair) and `n_local` local crops."
@@ -127,13 +130,7 @@ class MultiCropViews(ViewGenerator):
     def _modules(self): return [*self.globals, self.local, self.normalize]
 
     def generate(self, batch, epoch=0):
-        x, masks = self._prepare(batch)
-        views, maps = [], []
-        for aug in [*self.globals, *[self.local] * self.n_local]:
-            v, m = aug(x, masks)
-            views.append(self.normalize(v)); maps.append(m)
-        self._note_views(views, maps, x.shape[-2:])
-        return views, maps
+        return self._apply_each([*self.globals, *[self.local] * self.n_local], *self._prepare(batch))
 
 # %% ../nbs/11_views.ipynb #292d2651
 class AttentionViews(ViewGenerator):

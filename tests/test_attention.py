@@ -9,7 +9,7 @@ from attnssl.core import ConfigError, atomic_torch_save
 from attnssl.attention import (
     AttentionSource, ViTAttentionSource, FeatureNormSource, GroundTruthSource, MapCache, attention_rollout,
     build_attention_source, cls_attention, hard_mask, load_vit, map_diagnostics, map_entropy, mask_iou,
-    mass_threshold, postprocess, sanitize_maps, save_vit_checkpoint, soft_mask, unfused_attention)
+    mass_threshold, postprocess, sanitize_maps, save_vit_checkpoint, unfused_attention)
 
 
 def tiny_vit(seed=0, **kw):
@@ -141,7 +141,7 @@ def test_postprocess_formula():
             a1 = raw[i] / raw[i].max()
             ref[i] = beta + (1 - beta) * torch.clamp(s * a1, 0, 1) ** gamma
         assert torch.allclose(m, ref, atol=1e-6)
-        assert torch.allclose(soft_mask(raw, s, gamma, beta), ref, atol=1e-6)
+        assert torch.allclose(postprocess(raw, None, s, gamma, beta), ref, atol=1e-6)
         assert m.min() >= beta - 1e-6 and m.max() <= 1 + 1e-6
     up = postprocess(raw, size=20)
     assert up.shape == (4, 1, 20, 20) and torch.allclose(up.flatten(1).amax(1), torch.ones(4))
@@ -316,7 +316,7 @@ def test_minmax_normalisation_option():
     m = postprocess(raw, s=1, norm="minmax")
     assert torch.allclose(m.flatten(), torch.tensor([0.0, 0.25, 0.5, 1.0]))
     assert torch.equal(postprocess(torch.full((1, 1, 2, 2), 3.0), norm="minmax"), torch.ones(1, 1, 2, 2))
-    assert torch.allclose(soft_mask(raw, 1, 1, 0, norm="minmax"), m)
+    assert torch.allclose(postprocess(raw, None, 1, 1, 0, norm="minmax"), m)
     assert map_diagnostics(raw, norm="minmax")["kept"] < map_diagnostics(raw)["kept"]
     with pytest.raises(ConfigError, match="minmax"): postprocess(raw, norm="median")
 

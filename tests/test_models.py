@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from attnssl.core import ConfigError
-from attnssl.models import (EMA, ResNet, ViT, build_backbone, convert_sync_bn, cosine_momentum,
+from attnssl.models import (EMA, ResNet, ViT, build_backbone, cosine_momentum,
                             default_patch_size, mlp)
 
 torch.set_num_threads(1)
@@ -143,9 +143,3 @@ def test_cosine_momentum_schedule():
     assert cosine_momentum(0.9, 3, 0) == 0.9
     assert EMA.cosine_momentum(0.5, 1, 2) == pytest.approx(0.75)
     assert math.isclose(cosine_momentum(0.0, 1, 4), 1 - (math.cos(math.pi / 4) + 1) / 2)
-
-
-def test_convert_sync_bn():
-    net = convert_sync_bn(ResNet(18, width=4))
-    assert any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())
-    assert not any(type(m) is nn.BatchNorm2d for m in net.modules())
