@@ -22,7 +22,8 @@ from .losses import uniformity
 from .evaluate import OnlineProbe, extract_features, knn_classify, linear_accuracy
 
 # %% auto #0
-__all__ = ['TrainConfig', 'scaled_lr', 'lr_factor', 'LARS', 'param_groups', 'build_optimizer', 'TrainingDiverged', 'Trainer']
+__all__ = ['TrainConfig', 'scaled_lr', 'lr_factor', 'LARS', 'param_groups', 'build_optimizer', 'TrainingDiverged', 'Trainer',
+           'state_dict', 'load_state_dict', 'save_checkpoint', 'train_epoch', 'evaluate', 'fit']
 
 # %% ../nbs/08_train.ipynb #604ba693
 @dataclass
@@ -174,6 +175,11 @@ def _wrap_ddp(method: nn.Module, device: torch.device) -> nn.Module:
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite; the message names the epoch and step."
 
+def _method_of(cls):
+    "Decorator adding a function to `cls` as a method: the trainer is taught one piece per cell."
+    def add(f): setattr(cls, f.__name__, f); return f
+    return add
+
 class Trainer:
     "Pre-train `method` on views of `train_set` from `views`; see the notebook for the full description."
     def __init__(self, method: nn.Module, views, train_set, config: TrainConfig | dict | None = None,
@@ -270,166 +276,178 @@ class Trainer:
         if bb is not None and hasattr(bb, "out_dim"): return int(bb.out_dim)
         raise ConfigError("the online probe needs `method.backbone.out_dim`; set online_probe=False")
 
-    # ------------------------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_path(self) -> Path | None: return self.out_dir/"last.pt" if self.out_dir else None
 
-    def state_dict(self) -> dict:
-        "Everything needed to continue this run exactly."
-        return {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "probe": self.probe.state_dict_full() if self.probe is not None else None,
-                "views": self.views.state_dict() if hasattr(self.views, "state_dict") else None,
-                "rng": rng_state(), "epoch": self.epoch, "step": self.step, "history": self.history,
-                "config": asdict(self.config)}
+# %% ../nbs/08_train.ipynb #a1c70e04
+@_method_of(Trainer)
+def state_dict(self) -> dict:
+    "Everything needed to continue this run exactly."
+    return {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "probe": self.probe.state_dict_full() if self.probe is not None else None,
+            "views": self.views.state_dict() if hasattr(self.views, "state_dict") else None,
+            "rng": rng_state(), "epoch": self.epoch, "step": self.step, "history": self.history,
+            "config": asdict(self.config)}
 
-    def load_state_dict(self, ck: dict) -> None:
-        self.method.load_state_dict(ck["method"]); self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"]); self.scaler.load_state_dict(ck["scaler"])
-        if self.probe is not None and ck.get("probe") is not None: self.probe.load_state_dict_full(ck["probe"])
-        if ck.get("views") is not None and hasattr(self.views, "load_state_dict"): self.views.load_state_dict(ck["views"])
-        self.epoch, self.step, self.history = ck["epoch"], ck["step"], list(ck.get("history", []))
-        set_rng_state(ck["rng"])
+@_method_of(Trainer)
+def load_state_dict(self, ck: dict) -> None:
+    self.method.load_state_dict(ck["method"]); self.optimizer.load_state_dict(ck["optimizer"])
+    self.scheduler.load_state_dict(ck["scheduler"]); self.scaler.load_state_dict(ck["scaler"])
+    if self.probe is not None and ck.get("probe") is not None: self.probe.load_state_dict_full(ck["probe"])
+    if ck.get("views") is not None and hasattr(self.views, "load_state_dict"): self.views.load_state_dict(ck["views"])
+    self.epoch, self.step, self.history = ck["epoch"], ck["step"], list(ck.get("history", []))
+    set_rng_state(ck["rng"])
 
-    def save_checkpoint(self) -> None:
-        if self.is_main and self.checkpoint_path is not None:
-            atomic_torch_save(self.state_dict(), self.checkpoint_path)
+@_method_of(Trainer)
+def save_checkpoint(self) -> None:
+    if self.is_main and self.checkpoint_path is not None:
+        atomic_torch_save(self.state_dict(), self.checkpoint_path)
 
-    def _append_metrics(self, metrics: dict) -> None:
-        "Append one JSON line (non-finite numbers written as null) to out_dir/metrics.jsonl, atomically."
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+@_method_of(Trainer)
+def _append_metrics(self, metrics: dict) -> None:
+    "Append one JSON line (non-finite numbers written as null) to out_dir/metrics.jsonl, atomically."
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    mp = self.out_dir/"metrics.jsonl"
+    old = mp.read_text() if mp.exists() else ""
+    atomic_write_text(mp, old + json.dumps(clean) + "\n")
+
+@_method_of(Trainer)
+def _resume(self) -> bool:
+    p = self.checkpoint_path
+    if p is None or not p.exists(): return False
+    ck = torch.load(p, map_location=self.device, weights_only=False)
+    self.load_state_dict(ck)
+    if self.is_main:   # drop metric lines of epochs after the checkpoint (they will be redone)
         mp = self.out_dir/"metrics.jsonl"
-        old = mp.read_text() if mp.exists() else ""
-        atomic_write_text(mp, old + json.dumps(clean) + "\n")
+        if mp.exists():
+            keep = [l for l in mp.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] < self.epoch]
+            atomic_write_text(mp, "".join(l + "\n" for l in keep))
+    return True
 
-    def _resume(self) -> bool:
-        p = self.checkpoint_path
-        if p is None or not p.exists(): return False
-        ck = torch.load(p, map_location=self.device, weights_only=False)
-        self.load_state_dict(ck)
-        if self.is_main:   # drop metric lines of epochs after the checkpoint (they will be redone)
-            mp = self.out_dir/"metrics.jsonl"
-            if mp.exists():
-                keep = [l for l in mp.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] < self.epoch]
-                atomic_write_text(mp, "".join(l + "\n" for l in keep))
-        return True
+# %% ../nbs/08_train.ipynb #a1c70e07
+@_method_of(Trainer)
+def _call(self, hook: str, *args) -> None:
+    for cb in self.callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None: fn(self, *args)
 
-    # ---------------------------------------------------------------------------------------- the loop
-    def _call(self, hook: str, *args) -> None:
-        for cb in self.callbacks:
-            fn = getattr(cb, hook, None)
-            if fn is not None: fn(self, *args)
+@_method_of(Trainer)
+def _progress(self, loader, epoch: int):
+    c = self.config
+    if not (c.progress and self.is_main and sys.stderr.isatty() and "PYTEST_CURRENT_TEST" not in os.environ):
+        return loader, None
+    from tqdm.auto import tqdm
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs}", leave=False, dynamic_ncols=True)
+    return bar, bar
 
-    def fit(self) -> dict:
-        "Train from scratch, or resume from `out_dir/last.pt`; returns the last epoch's metrics."
-        self.setup()
-        c = self.config
-        resumed = self._resume()
-        if not resumed:
-            seed_everything(c.seed + self.rank)
-            if self.is_main and self.out_dir is not None:
-                atomic_write_json(self.out_dir/"config.json", {"train": asdict(c), "hardware": hardware_info(),
-                                                                "commit": git_commit(), "world_size": self.world_size})
-        end = c.epochs if c.stop_after_epochs is None else min(c.epochs, c.stop_after_epochs)
-        while self.epoch < end:
-            metrics = self.train_epoch(self.epoch)
-            self.epoch += 1
-            if self.is_main:
-                if self.out_dir is not None: self._append_metrics(metrics)
-                self.history.append(metrics)
-            self._call("on_epoch_end", metrics)
-            if self.epoch % c.checkpoint_every == 0 or self.epoch == end: self.save_checkpoint()
-        return dict(self.history[-1]) if self.history else {}
+@_method_of(Trainer)
+def _sync_ranks(self, epoch: int) -> None:
+    "Under DDP, start the epoch on every rank from what rank 0's checkpoint restores: its buffers, and a (seed, epoch, rank) RNG."
+    if self.world_size <= 1: return
+    D.broadcast_buffers(self.method)        # BatchNorm running statistics drift apart: each rank sees its own batches
+    seed_everything(self.config.seed + 1_000_003 * epoch + self.rank)   # the checkpoint holds rank 0's RNG only
 
-    def _progress(self, loader, epoch: int):
-        c = self.config
-        if not (c.progress and self.is_main and sys.stderr.isatty() and "PYTEST_CURRENT_TEST" not in os.environ):
-            return loader, None
-        from tqdm.auto import tqdm
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs}", leave=False, dynamic_ncols=True)
-        return bar, bar
+@_method_of(Trainer)
+def train_epoch(self, epoch: int) -> dict:
+    "One epoch of training, then evaluation; returns its metrics dict."
+    c, dev = self.config, self.device
+    self._sync_ranks(epoch)
+    self.method.train()
+    if hasattr(self.views, "on_epoch_start"): self.views.on_epoch_start(epoch, encoder=getattr(self.method, "backbone", None), dataset=self.train_set)
+    self._call("on_epoch_start")
+    meter, probe = _Meter(), _Meter()
+    t0, n_seen = time.perf_counter(), 0
+    loader, bar = self._progress(self._loader(epoch), epoch)
+    roles = self.view_roles(epoch)
+    for i, batch in enumerate(loader):
+        batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        views = self.views(batch, epoch)
+        if self.channels_last: views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        with self._autocast():
+            out = self.model(views, batch, roles=roles)
+        loss = out["loss"]
+        if not torch.isfinite(loss.detach()).item():
+            where = f"epoch {epoch} (0-based), step {i} of the epoch (global step {self.step})"
+            kept = f"; the last good checkpoint {self.checkpoint_path} is kept" if self.checkpoint_path and self.checkpoint_path.exists() else ""
+            raise TrainingDiverged(f"loss is {loss.item()} at {where}{kept}. Lower the lr, add warm-up or use fp32.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self._call("on_after_backward")
+        if c.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+        last_lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer); self.scaler.update(); self.scheduler.step()
+        if hasattr(self.method, "on_step_end"): self.method.on_step_end(self.step, self.total_steps)
+        self.step += 1
+        bs = views[0].shape[0]; n_seen += bs * self.world_size
+        meter.add("loss", loss, bs)
+        meter.add("loss_method", out.get("loss_method", loss), bs)   # the method's own loss, without added terms
+        for k, v in out.items():
+            if k not in ("loss", "loss_method", "z", "h0") and (isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)):
+                meter.add(k, v, bs)
+        z = out.get("z")
+        if z is not None and len(z) and len(z[0]) >= 2:  # the loss function of attnssl.losses, without a graph
+            meter.add("uniformity", uniformity(z[0][:256].detach().float()), bs)
+        if self.probe is not None and out.get("h0") is not None and "label" in batch:
+            pl, pc, pn = self.probe.step(out["h0"].float(), batch["label"])
+            probe.add("probe_train_acc", 100.0 * pc / max(pn, 1), pn)
+        if bar is not None and i % 10 == 0: bar.set_postfix(loss=f"{loss.item():.3f}")
+        self._call("on_step_end", out)
+    if dev.type == "cuda": torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    m = {"epoch": epoch, "step": self.step, **meter.means(), **probe.means()}
+    if self.world_size > 1:
+        for k in ("loss", "loss_method"): m[k] = float(D.all_reduce_mean(torch.tensor(m[k], device=dev)))
+    m.update(lr=last_lr, epoch_time=dt, samples_per_s=n_seen / max(dt, 1e-9))
+    if hasattr(self.views, "diagnostics"):
+        m.update({f"views/{k}": v for k, v in self.views.diagnostics().items()})
+    if self.eval_sets and ((epoch + 1) % c.knn_every == 0 or epoch + 1 == c.epochs):
+        m.update(self.evaluate())
+    return m
 
-    def _sync_ranks(self, epoch: int) -> None:
-        "Under DDP, start the epoch on every rank from what rank 0's checkpoint restores: its buffers, and a (seed, epoch, rank) RNG."
-        if self.world_size <= 1: return
-        D.broadcast_buffers(self.method)        # BatchNorm running statistics drift apart: each rank sees its own batches
-        seed_everything(self.config.seed + 1_000_003 * epoch + self.rank)   # the checkpoint holds rank 0's RNG only
+@_method_of(Trainer)
+@torch.no_grad()
+def evaluate(self) -> dict:
+    "kNN top-1 (top-5 with > 10 classes) and online-probe accuracy on every eval set; under DDP call it on every rank."
+    c, out = self.config, {}
+    D.broadcast_buffers(self.method)           # every rank encodes its share with rank 0's BatchNorm statistics
+    enc = self.method.encode if hasattr(self.method, "encode") else self.method
+    for name, (memory, test) in self.eval_sets.items():
+        pre = f"{name}/" if name else ""
+        ftr, ytr = extract_features(enc, memory, c.eval_batch_size, self.device, shard=True)
+        fte, yte = extract_features(enc, test, c.eval_batch_size, self.device, shard=True)
+        if (ytr >= 0).any() and (yte >= 0).any():
+            r = knn_classify(ftr, ytr, fte, yte, k=c.knn_k, temperature=c.knn_temperature,
+                             num_classes=getattr(test, "num_classes", None), device=self.device, shard=True)
+            out.update({f"{pre}knn_{k}": v for k, v in r.items()})
+            if self.probe is not None:             # each rank's own probe: rank 0's result is the one logged
+                self.probe.eval()
+                r = linear_accuracy(lambda f: self.probe(f.to(self.device)), fte, yte)
+                self.probe.train()
+                out.update({f"{pre}probe_{k}": v for k, v in r.items()})
+    return out
 
-    def train_epoch(self, epoch: int) -> dict:
-        "One epoch of training, then evaluation; returns its metrics dict."
-        c, dev = self.config, self.device
-        self._sync_ranks(epoch)
-        self.method.train()
-        if hasattr(self.views, "on_epoch_start"): self.views.on_epoch_start(epoch, encoder=getattr(self.method, "backbone", None), dataset=self.train_set)
-        self._call("on_epoch_start")
-        meter, probe = _Meter(), _Meter()
-        t0, n_seen = time.perf_counter(), 0
-        loader, bar = self._progress(self._loader(epoch), epoch)
-        roles = self.view_roles(epoch)
-        for i, batch in enumerate(loader):
-            batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            views = self.views(batch, epoch)
-            if self.channels_last: views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-            with self._autocast():
-                out = self.model(views, batch, roles=roles)
-            loss = out["loss"]
-            if not torch.isfinite(loss.detach()).item():
-                where = f"epoch {epoch} (0-based), step {i} of the epoch (global step {self.step})"
-                kept = f"; the last good checkpoint {self.checkpoint_path} is kept" if self.checkpoint_path and self.checkpoint_path.exists() else ""
-                raise TrainingDiverged(f"loss is {loss.item()} at {where}{kept}. Lower the lr, add warm-up or use fp32.")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self._call("on_after_backward")
-            if c.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
-            last_lr = self.optimizer.param_groups[0]["lr"]
-            self.scaler.step(self.optimizer); self.scaler.update(); self.scheduler.step()
-            if hasattr(self.method, "on_step_end"): self.method.on_step_end(self.step, self.total_steps)
-            self.step += 1
-            bs = views[0].shape[0]; n_seen += bs * self.world_size
-            meter.add("loss", loss, bs)
-            meter.add("loss_method", out.get("loss_method", loss), bs)   # the method's own loss, without added terms
-            for k, v in out.items():
-                if k not in ("loss", "loss_method", "z", "h0") and (isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)):
-                    meter.add(k, v, bs)
-            z = out.get("z")
-            if z is not None and len(z) and len(z[0]) >= 2:  # the loss function of attnssl.losses, without a graph
-                meter.add("uniformity", uniformity(z[0][:256].detach().float()), bs)
-            if self.probe is not None and out.get("h0") is not None and "label" in batch:
-                pl, pc, pn = self.probe.step(out["h0"].float(), batch["label"])
-                probe.add("probe_train_acc", 100.0 * pc / max(pn, 1), pn)
-            if bar is not None and i % 10 == 0: bar.set_postfix(loss=f"{loss.item():.3f}")
-            self._call("on_step_end", out)
-        if dev.type == "cuda": torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        m = {"epoch": epoch, "step": self.step, **meter.means(), **probe.means()}
-        if self.world_size > 1:
-            for k in ("loss", "loss_method"): m[k] = float(D.all_reduce_mean(torch.tensor(m[k], device=dev)))
-        m.update(lr=last_lr, epoch_time=dt, samples_per_s=n_seen / max(dt, 1e-9))
-        if hasattr(self.views, "diagnostics"):
-            m.update({f"views/{k}": v for k, v in self.views.diagnostics().items()})
-        if self.eval_sets and ((epoch + 1) % c.knn_every == 0 or epoch + 1 == c.epochs):
-            m.update(self.evaluate())
-        return m
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        "kNN top-1 (top-5 with > 10 classes) and online-probe accuracy on every eval set; under DDP call it on every rank."
-        c, out = self.config, {}
-        D.broadcast_buffers(self.method)           # every rank encodes its share with rank 0's BatchNorm statistics
-        enc = self.method.encode if hasattr(self.method, "encode") else self.method
-        for name, (memory, test) in self.eval_sets.items():
-            pre = f"{name}/" if name else ""
-            ftr, ytr = extract_features(enc, memory, c.eval_batch_size, self.device, shard=True)
-            fte, yte = extract_features(enc, test, c.eval_batch_size, self.device, shard=True)
-            if (ytr >= 0).any() and (yte >= 0).any():
-                r = knn_classify(ftr, ytr, fte, yte, k=c.knn_k, temperature=c.knn_temperature,
-                                 num_classes=getattr(test, "num_classes", None), device=self.device, shard=True)
-                out.update({f"{pre}knn_{k}": v for k, v in r.items()})
-                if self.probe is not None:             # each rank's own probe: rank 0's result is the one logged
-                    self.probe.eval()
-                    r = linear_accuracy(lambda f: self.probe(f.to(self.device)), fte, yte)
-                    self.probe.train()
-                    out.update({f"{pre}probe_{k}": v for k, v in r.items()})
-        return out
+# %% ../nbs/08_train.ipynb #a1c70e0a
+@_method_of(Trainer)
+def fit(self) -> dict:
+    "Train from scratch, or resume from `out_dir/last.pt`; returns the last epoch's metrics."
+    self.setup()
+    c = self.config
+    resumed = self._resume()
+    if not resumed:
+        seed_everything(c.seed + self.rank)
+        if self.is_main and self.out_dir is not None:
+            atomic_write_json(self.out_dir/"config.json", {"train": asdict(c), "hardware": hardware_info(),
+                                                            "commit": git_commit(), "world_size": self.world_size})
+    end = c.epochs if c.stop_after_epochs is None else min(c.epochs, c.stop_after_epochs)
+    while self.epoch < end:
+        metrics = self.train_epoch(self.epoch)
+        self.epoch += 1
+        if self.is_main:
+            if self.out_dir is not None: self._append_metrics(metrics)
+            self.history.append(metrics)
+        self._call("on_epoch_end", metrics)
+        if self.epoch % c.checkpoint_every == 0 or self.epoch == end: self.save_checkpoint()
+    return dict(self.history[-1]) if self.history else {}
