@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import ConfigError, check_keys, atomic_torch_save, get_device
+from .augment import normalize_images
+from .datasets import get_batch
 
 # %% auto #0
 __all__ = ['FALLBACKS', 'SOURCE_BUILDERS', 'unfused_attention', 'eval_mode', 'as_vit', 'patch_grid', 'cls_attention',
@@ -355,17 +357,6 @@ def map_diagnostics(maps: torch.Tensor, size: int | tuple[int, int] | None = Non
     return out
 
 # %% ../nbs/10_attention.ipynb #aa30ab87
-def _normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype)[:, None, None]
-    s = torch.tensor(std, device=x.device, dtype=x.dtype)[:, None, None]
-    return (x - m) / s
-
-def _get_batch(dataset, idx: torch.Tensor) -> dict:
-    if hasattr(dataset, "get_batch"): return dataset.get_batch(idx)
-    items = [dataset[int(i)] for i in idx]
-    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
-
 def _source_device(source: AttentionSource, device) -> torch.device:
     if device is not None: return get_device(device)
     if source.module is not None:
@@ -382,9 +373,9 @@ def iter_source_maps(dataset, source: AttentionSource, batch_size: int = 256, de
     std = source.std or getattr(dataset, "std", None) or (0.5, 0.5, 0.5)
     dev = _source_device(source, device)
     for start in range(0, len(dataset), batch_size):
-        batch = _get_batch(dataset, torch.arange(start, min(start + batch_size, len(dataset))))
+        batch = get_batch(dataset, torch.arange(start, min(start + batch_size, len(dataset))))
         masks = batch.get("mask")
-        maps = source.maps(_normalise(batch["image"].to(dev), mean, std),
+        maps = source.maps(normalize_images(batch["image"].to(dev), mean, std),
                            masks.to(dev) if masks is not None and source.needs_masks else None)
         yield batch, maps
 
@@ -462,7 +453,7 @@ class MapCache:
         if not self.built: raise ConfigError("the map cache is empty: call build first")
         ds = self.dataset
         if ds is not None and getattr(ds, "has_masks", False) and "masks" not in kw:
-            kw["masks"] = _get_batch(ds, self.keys)["mask"]
+            kw["masks"] = get_batch(ds, self.keys)["mask"]
         return {**map_diagnostics(self.maps.float(), **kw), "builds": self.builds, "epoch": self.epoch}
 
 # %% ../nbs/10_attention.ipynb #7d022f78

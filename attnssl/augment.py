@@ -22,7 +22,8 @@ from .core import ConfigError, check_keys
 
 # %% auto #0
 __all__ = ['to_float', 'maps_to_float', 'sample_crop_boxes', 'crop_resize', 'color_jitter', 'grayscale', 'gaussian_blur',
-           'default_blur_kernel', 'Augment', 'simclr_augment', 'byol_augment', 'light_augment', 'Normalize']
+           'default_blur_kernel', 'Augment', 'simclr_augment', 'byol_augment', 'light_augment', 'Normalize',
+           'normalize_images']
 
 # %% ../nbs/03_augment.ipynb #51076bba
 def to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -315,3 +316,10 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={[round(v, 4) for v in self.mean.flatten().tolist()]}, std={[round(v, 4) for v in self.std.flatten().tolist()]}"
+
+def normalize_images(images: torch.Tensor, mean, std) -> torch.Tensor:
+    "`Normalize` as a function, for images uint8 (B,3,H,W) or float in [0,1]; `mean`/`std` in [0,1] units."
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s

@@ -20,9 +20,9 @@ from .core import ConfigError, cache_dir, check_keys
 # %% auto #0
 __all__ = ['DATASET_STATS', 'STL10_CLASSES', 'STL10_URL', 'STL10_MD5', 'IMAGE_EXTENSIONS', 'TINY_URL', 'TINY_MD5',
            'FASHION_CLASSES', 'FASHION_URL', 'FASHION_FILES', 'channel_stats', 'TensorDataset', 'collate_items',
-           'Loader', 'make_loader', 'register_dataset', 'dataset_names', 'get_dataset', 'CorruptImageError', 'STL10',
-           'CIFAR10', 'CIFAR100', 'load_image', 'decode_images', 'TinyImageNet', 'read_idx', 'FashionMNIST',
-           'scan_image_folder', 'ImageFolder', 'LazyImageFolder', 'eager_budget_bytes']
+           'get_batch', 'Loader', 'make_loader', 'register_dataset', 'dataset_names', 'get_dataset',
+           'CorruptImageError', 'STL10', 'CIFAR10', 'CIFAR100', 'load_image', 'decode_images', 'TinyImageNet',
+           'read_idx', 'FashionMNIST', 'scan_image_folder', 'ImageFolder', 'LazyImageFolder', 'eager_budget_bytes']
 
 # %% ../nbs/02_datasets.ipynb #4c3ce6d9
 def _as_uint8_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:
@@ -126,6 +126,12 @@ def collate_items(items: list[dict]) -> dict:
              "label": torch.tensor([int(it["label"]) for it in items], dtype=torch.long)}
     if "mask" in items[0]: batch["mask"] = torch.stack([it["mask"] for it in items])
     return batch
+
+def get_batch(dataset, idx: torch.Tensor) -> dict:
+    "Batch dict for dataset indices `idx`: `dataset.get_batch` when it has one, else its items stacked key by key."
+    if hasattr(dataset, "get_batch"): return dataset.get_batch(idx)
+    items = [dataset[int(i)] for i in idx]
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
 
 class Loader:
     "Iterable of batch dicts with `len()` and `set_epoch(epoch)`; see `make_loader`."

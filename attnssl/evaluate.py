@@ -15,31 +15,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import ConfigError, autocast, check_keys, get_device
+from .augment import normalize_images
+from .datasets import get_batch
 from .distributed import gather_rows, rank_block
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'get_batch', 'dataset_labels', 'normalize_images', 'extract_features', 'knn_classify', 'linear_accuracy',
-           'train_linear', 'OnlineProbe', 'rrc_flip', 'linear_eval', 'stratified_subset', 'finetune', 'tsne_embed']
+__all__ = ['PROTOCOLS', 'dataset_labels', 'extract_features', 'knn_classify', 'linear_accuracy', 'train_linear', 'OnlineProbe',
+           'rrc_flip', 'linear_eval', 'stratified_subset', 'finetune', 'tsne_embed']
 
 # %% ../nbs/09_evaluate.ipynb #54e404a0
-def get_batch(dataset, idx: torch.Tensor) -> dict:
-    "Batch dict for dataset indices `idx`: uses `dataset.get_batch` when present, else stacks items."
-    if hasattr(dataset, "get_batch"): return dataset.get_batch(idx)
-    items = [dataset[int(i)] for i in idx]
-    return {k: (torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k])
-                else torch.as_tensor([it[k] for it in items])) for k in items[0]}
-
 def dataset_labels(dataset) -> torch.Tensor:
     "The (N,) label tensor of a dataset (`.labels` when present, else read item by item)."
     if hasattr(dataset, "labels"): return torch.as_tensor(dataset.labels).long()
     return torch.as_tensor([int(dataset[i]["label"]) for i in range(len(dataset))], dtype=torch.long)
-
-def normalize_images(images: torch.Tensor, mean, std) -> torch.Tensor:
-    "uint8 (B,3,H,W) -> float normalised with per-channel `mean`/`std` given in [0,1] units."
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
 
 # %% ../nbs/09_evaluate.ipynb #0147d438
 def _module_of(encoder) -> nn.Module | None:
