@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['ConfigError', 'check_keys', 'seed_everything', 'rng_state', 'set_rng_state', 'get_device', 'autocast',
+__all__ = ['ConfigError', 'check_keys', 'seed_everything', 'rng_state', 'set_rng_state', 'get_device', 'amp_dtype', 'autocast',
            'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'atomic_torch_save', 'cache_dir',
            'package_version', 'git_commit', 'hardware_info']
 
@@ -59,12 +59,17 @@ def get_device(device: str | torch.device = "auto") -> torch.device:
         raise ConfigError(f"device {device!r} asked for but CUDA is not available here; use device='cpu' or 'auto'")
     return dev
 
-def autocast(device: torch.device, enabled: bool = True):
-    "Mixed precision on CUDA (bf16 if supported, else fp16); a no-op context on CPU and MPS."
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    "Autocast dtype of `precision` (auto | fp32 | bf16 | fp16) on `device`: None off CUDA or for fp32; auto = bf16 if supported, else fp16."
+    if device.type != "cuda" or precision == "fp32": return None
+    if precision == "auto": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision not in ("bf16", "fp16"): raise ConfigError(f"precision={precision!r}; use auto, fp32, bf16 or fp16")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+def autocast(device: torch.device, enabled: bool = True, precision: str = "auto"):
+    "Mixed precision on CUDA at `amp_dtype(device, precision)`; a no-op context on CPU and MPS or when not enabled."
+    dtype = amp_dtype(device, precision) if enabled else None
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 # %% ../nbs/00_core.ipynb #704923f8
 _UMASK = os.umask(0); os.umask(_UMASK)  # read once: os.umask can only be read by setting it

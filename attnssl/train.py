@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as D
-from .core import (ConfigError, atomic_torch_save, atomic_write_json, atomic_write_text, check_keys,
+from .core import (ConfigError, amp_dtype, autocast, atomic_torch_save, atomic_write_json, atomic_write_text, check_keys,
                           get_device, git_commit, hardware_info, rng_state, seed_everything, set_rng_state)
 from .losses import uniformity
 from .evaluate import OnlineProbe, extract_features, knn_classify, linear_accuracy
@@ -223,7 +223,7 @@ class Trainer:
         if c.compile and backbone is not None: backbone.compile()
         # what a training step calls: the method, or under DDP the method wrapped to average gradients over ranks
         self.model = _wrap_ddp(self.method, self.device) if self.world_size > 1 else self.method
-        self.amp_dtype = self._amp_dtype()
+        self.amp_dtype = amp_dtype(self.device, c.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.method, c)
@@ -254,15 +254,7 @@ class Trainer:
         fn = getattr(self.views, "view_roles", None)
         return tuple(fn(epoch)) if callable(fn) else None
 
-    def _amp_dtype(self):
-        p, dev = self.config.precision, self.device
-        if dev.type != "cuda" or p == "fp32": return None
-        if p == "auto": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}[p]
-
-    def _autocast(self):
-        import contextlib
-        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+    def _autocast(self): return autocast(self.device, precision=self.config.precision)
 
     def _loader(self, epoch: int):
         dl = self._make_loader(self.train_set, self.local_batch, shuffle=True, drop_last=True, seed=self.config.seed,
