@@ -6,14 +6,14 @@ Docs: https://attnssl.github.io/attnssl/cli.html.md"""
 
 # %% ../nbs/15_cli.ipynb #e30fa6ca
 from __future__ import annotations
-import argparse, ast, hashlib, json, os, re, sys, time
+import argparse, ast, dataclasses, hashlib, json, os, re, sys, time, warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .core import ConfigError, check_keys, git_commit, hardware_info
-from .experiments import repo_root
+from .experiments import SharedParams, repo_root
 from .reports import experiment_sort_key, read_meta, write_index, write_meta
 
 # %% auto #0
@@ -43,12 +43,14 @@ def parameter_cells(nb_path: str | os.PathLike) -> list[dict]:
     return [c for c in _cells(Path(nb_path)) if "parameters" in c.get("metadata", {}).get("tags", [])]
 
 def template_parameters(nb_path: str | os.PathLike) -> dict[str, Any]:
-    "`{name: default}` from the template's single `parameters` cell."
+    """`{name: default}`: the shared parameters (`experiments.SharedParams`) when the template takes them (its code
+    calls `shared_parameters`), then its single `parameters` cell."""
     cells = parameter_cells(nb_path)
     if len(cells) != 1:
         raise ConfigError(f"{Path(nb_path).name} has {len(cells)} cells tagged 'parameters'; a template needs exactly one")
     src = "".join(cells[0]["source"])
-    params = {}
+    takes_shared = any("shared_parameters(" in "".join(c["source"]) for c in _cells(Path(nb_path)) if c["cell_type"] == "code")
+    params = dataclasses.asdict(SharedParams()) if takes_shared else {}
     for node in ast.parse(src).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try: params[node.targets[0].id] = ast.literal_eval(node.value)
@@ -169,9 +171,11 @@ def execute_template(nb: str | os.PathLike, out_dir: str | os.PathLike, params: 
     try:
         with _env(ATTNSSL_RUNS=str(Path(runs_root).expanduser().resolve()) if runs_root else None,
                   OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, ATTNSSL_PROGRESS=str(d/PROGRESS_FILE)):
-            pm.execute_notebook(str(nb), str(d/nb.name), parameters=params, kernel_name="python3",
-                                progress_bar=False, cwd=str(d), log_output=False,
-                                extra_arguments=["--IPKernelApp.log_level=ERROR"])   # no transport warning per kernel
+            with warnings.catch_warnings():   # shared parameters are not declared in the template's cell, by design
+                warnings.filterwarnings("ignore", message="Passed unknown parameter")
+                pm.execute_notebook(str(nb), str(d/nb.name), parameters=params, kernel_name="python3",
+                                    progress_bar=False, cwd=str(d), log_output=False,
+                                    extra_arguments=["--IPKernelApp.log_level=ERROR"])   # no transport warning per kernel
     except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
         status, error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     (d/PROGRESS_FILE).unlink(missing_ok=True)

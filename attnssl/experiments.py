@@ -6,7 +6,7 @@ Docs: https://attnssl.github.io/attnssl/experiments.html.md"""
 
 # %% ../nbs/13_experiments.ipynb #fcea0563
 from __future__ import annotations
-import copy, hashlib, json, os, resource, socket, sys, time
+import copy, dataclasses, hashlib, json, os, resource, socket, sys, time
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,8 +24,9 @@ __all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATAS
            'lock_is_stale', 'run_lock', 'load_result', 'cached_run', 'build_datasets', 'build_backbone_from',
            'load_encoder', 'load_metrics', 'pretrain', 'attention_source_of', 'build_view_generator',
            'evaluate_encoder', 'run_pretrain', 'dataset_section', 'recipes_path', 'load_recipe', 'method_section',
-           'method_backbone', 'views_section', 'make_config', 'vit_source', 'attention_views', 'report_progress',
-           'run_grid', 'finetune_run', 'reference_run', 'reference_rows', 'source_maps', 'curves']
+           'method_backbone', 'views_section', 'make_config', 'vit_source', 'attention_views', 'SharedParams',
+           'shared_parameters', 'base_config', 'attention_spec', 'report_progress', 'run_grid', 'finetune_run',
+           'reference_run', 'reference_rows', 'source_maps', 'curves']
 
 # %% ../nbs/13_experiments.ipynb #dc0ed44f
 SECTIONS = ("dataset", "backbone", "method", "views", "align", "train", "eval", "seed")
@@ -113,9 +114,11 @@ def config_key(config: dict) -> str:
 
 # %% ../nbs/13_experiments.ipynb #2efe4ddc
 def repo_root() -> Path:
-    "The checkout holding the package (editable install), else the working directory."
-    here = Path(__file__).resolve().parents[1] if "__file__" in globals() else Path.cwd()
-    return here if (here/"pyproject.toml").exists() and (here/"nbs").exists() else Path.cwd()
+    "The checkout holding the package (editable install), else the nearest folder holding it from the working directory up, else the working directory."
+    here = [Path(__file__).resolve().parents[1]] if "__file__" in globals() else []
+    for d in here + [Path.cwd(), *Path.cwd().parents]:   # a notebook runs in nbs/: its checkout is one level up
+        if (d/"pyproject.toml").exists() and (d/"nbs").exists(): return d
+    return Path.cwd()
 
 _ACTIVE_ROOT: list[Path] = []  # root of the run being executed, so nested runs (a ViT source) land beside it
 
@@ -537,6 +540,55 @@ def attention_views(source: dict, mode: str = "soft", s: float = 2.0, gamma: flo
     the default arm."""
     return {"name": "attention", "source": source, "mode": mode, "s": s, "gamma": gamma, "beta": beta, "t": t,
             "crop": crop, "fill": fill, **kw}
+
+# %% ../nbs/13_experiments.ipynb #5d0c1e02
+@dataclasses.dataclass
+class SharedParams:
+    "The run parameters every experiment template takes; the defaults are the templates' smoke run."
+    seeds: int = 1                       # training seeds per arm; a verdict needs at least 3
+    dataset: str = "clutter"             # embedded ClutterShapes; stl10 | tiny-imagenet | cifar10 | cifar100 | imagefolder need data_root
+    data_root: str | None = None         # folder holding downloaded datasets (the folder itself for imagefolder)
+    image_size: int = 32                 # side of the images a run trains at
+    num_images: int | None = 64          # SSL / linear-train images, embedded data only
+    num_test_images: int | None = 32
+    num_val_images: int = 16             # carved from the training split: choices are made on val, test is only reported
+    clutter: float = 1.0                 # embedded data only: background clutter, 0 (plain) to 1 (full)
+    object_area: list = dataclasses.field(default_factory=lambda: list(DEFAULT_OBJECT_AREA))   # embedded data only: object size range
+    object_colour: float = 1.0           # embedded data only: how much object colours vary, 0 (one grey) to 1 (random)
+    backbone: str = "resnet18"
+    width: int = 4                       # ResNet base width; 64 is the standard ResNet-18
+    recipe: str | None = "cpu"           # training recipe in nbs/experiments/recipes.yaml
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float | None = None              # None: the recipe's learning rate
+    linear_epochs: int | None = 3        # linear probe epochs (the paper protocol: 100)
+    linear_protocol: str = "cpu"         # cpu | paper
+    knn_k: int = 20
+    device: str = "auto"
+    attn_source: str = "vit"             # "vit": a ViT trained with DINO on the SSL split; "ground_truth": the oracle
+    vit: str | None = None               # None: the recipe's ViT
+    vit_depth: int | None = 2            # None: the model's own depth
+    vit_epochs: int = 1
+    vit_lr: float | None = None          # None: the recipe's
+
+def shared_parameters(namespace: dict) -> dict:
+    "The shared parameters as found in `namespace` (a template's globals after papermill's injection), else the defaults."
+    names = [f.name for f in dataclasses.fields(SharedParams)]
+    return dataclasses.asdict(SharedParams(**{k: namespace[k] for k in names if k in namespace}))
+
+_CONFIG_PARAMS = ("dataset", "image_size", "num_images", "num_test_images", "clutter", "object_area", "object_colour",
+                  "backbone", "width", "epochs", "batch_size", "lr", "knn_k", "linear_epochs", "linear_protocol", "device",
+                  "data_root", "recipe", "num_val_images")
+
+def base_config(params: dict, **kw) -> dict:
+    "A template's base run config from its shared parameters (`make_config` with them, then `kw`)."
+    return make_config(**{k: params[k] for k in _CONFIG_PARAMS}, **kw)
+
+def attention_spec(base: dict, params: dict) -> dict:
+    "The attention source a template's parameters ask for: the recipe's DINO ViT on `base`'s data, or a named source."
+    if params["attn_source"] != "vit": return {"name": params["attn_source"]}
+    return vit_source(base, vit=params["vit"], depth=params["vit_depth"], epochs=params["vit_epochs"], lr=params["vit_lr"],
+                      recipe=params["recipe"])
 
 # %% ../nbs/13_experiments.ipynb #24158a06
 def _last_epoch(result: dict) -> dict:

@@ -23,14 +23,11 @@ from attnssl.attention import hard_mask, postprocess
 from attnssl.core import git_commit, hardware_info
 
 
-BASE_KEYS = ("dataset", "image_size", "num_images", "num_test_images", "num_val_images", "clutter", "object_area",
-             "object_colour", "width", "epochs", "batch_size", "knn_k", "linear_epochs", "recipe")
-
 def profile_base(profile: str = "small", device: str = "cpu") -> tuple[dict, dict]:
-    "E2's base config and parameters under `profile` (nbs/experiments/profiles.yaml), as the template builds them."
+    "E2's base config and shared parameters under `profile` (nbs/experiments/profiles.yaml), as the template builds them."
     from attnssl.cli import profile_parameters
-    params = profile_parameters(profile)["E2"]
-    return ex.make_config(**{k: params[k] for k in BASE_KEYS if k in params}, device=device), params
+    params = ex.shared_parameters({**profile_parameters(profile)["E2"], "device": device})
+    return ex.base_config(params), params
 
 
 def view_weights(maps: torch.Tensor, masks: torch.Tensor, size: int, s: float, t: float, norm: str) -> dict:
@@ -55,7 +52,7 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(1)
     base, params = profile_base(a.profile)
     test = ex.build_datasets(base)["test"]
-    vit = ex.vit_source(base, depth=params.get("vit_depth"), epochs=params.get("vit_epochs"), recipe=params.get("recipe"))
+    vit = ex.attention_spec(base, {**params, "attn_source": "vit"})
     sources = {f"ViT ({vit['pretrain']['train']['epochs']} ep, DINO)": vit,
                "centre prior": {"name": "centre_prior"}, "oracle (object mask)": {"name": "ground_truth"}}
     rows = []

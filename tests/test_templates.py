@@ -61,3 +61,15 @@ def test_smoke_profile_runs_every_template(half, tmp_path):
         before = sorted(p.name for p in runs.iterdir())
         again = reproduce(profile="smoke", only=ids, out=out, runs_root=runs, log=None, threads=1)
         assert not again["failed"] and sorted(p.name for p in runs.iterdir()) == before
+
+def test_shared_parameters_are_declared_once():
+    "A template's parameters cell declares only its own; the shared set (experiments.SharedParams) comes with it."
+    import dataclasses
+    from attnssl.experiments import SharedParams
+    shared = {f.name for f in dataclasses.fields(SharedParams)}
+    for nb in TEMPLATES:
+        own = {l.split("=")[0].strip() for l in "".join(parameter_cells(nb)[0]["source"]).splitlines() if "=" in l and not l.startswith("#")}
+        params = template_parameters(nb)
+        assert shared <= set(params) and own <= set(params), nb.name
+        assert all(params[k] != getattr(SharedParams(), k) for k in own & shared), f"{nb.name} repeats a shared default"
+    assert template_parameters(ROOT/"nbs"/"experiments"/"E4_loss_analysis.ipynb")["epochs"] == 2   # its own smoke default wins
