@@ -126,6 +126,25 @@ class Method(nn.Module):
         if self.momentum_schedule == "cosine": return cosine_momentum(self.momentum, step, total_steps)
         return self.momentum
 
+    def _ema_copies(self, *online: nn.Module) -> tuple[nn.Module, ...]:
+        "Frozen copies of `online` (the key / target / teacher branch), moved towards it by `self._ema.update(m)`."
+        copies = tuple(copy.deepcopy(m) for m in online)
+        self._ema = EMA(nn.ModuleList(online), nn.ModuleList(copies))
+        return copies
+
+    def _init_queue(self, size: int, dim: int) -> None:
+        "A FIFO queue of `size` random unit keys (MoCo's negatives, NNCLR's support set) and its write pointer."
+        if size < 1: raise ConfigError(f"queue_size must be >= 1, got {size}")
+        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def _enqueue_pending(self) -> None:
+        "Write the last training forward's keys, gathered over ranks and normalised, into the queue."
+        if self._pending is not None:
+            fifo_enqueue_(self.queue, self.queue_ptr, F.normalize(gather_no_grad(self._pending), dim=1))
+            self._pending = None
+
     @staticmethod
     def _check_schedule(schedule):
         if schedule not in MOMENTUM_SCHEDULES:
@@ -180,16 +199,12 @@ class MoCoV2(Method):
                  momentum_schedule: str = "constant", key_bn_splits: int = 2, target_view: str | None = None):
         super().__init__(backbone, target_view)
         self._check_schedule(momentum_schedule)
-        if queue_size < 1: raise ConfigError(f"queue_size must be >= 1, got {queue_size}")
         self.temperature, self.momentum, self.momentum_schedule = temperature, momentum, momentum_schedule
         self.key_bn_splits = key_bn_splits
         self.projector = mlp(self.feat_dim, proj_hidden_dim or self.feat_dim, proj_dim, num_layers=proj_layers,
                              bn_hidden=False)                  # MoCo v2's head has no BN
-        self.key_backbone, self.key_projector = copy.deepcopy(self.backbone), copy.deepcopy(self.projector)
-        self._ema = EMA(nn.ModuleList([self.backbone, self.projector]),
-                        nn.ModuleList([self.key_backbone, self.key_projector]))
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.key_backbone, self.key_projector = self._ema_copies(self.backbone, self.projector)
+        self._init_queue(queue_size, proj_dim)
 
     @torch.no_grad()
     def _keys(self, x):
@@ -217,9 +232,7 @@ class MoCoV2(Method):
     @torch.no_grad()
     def on_step_end(self, step, total_steps):
         self._ema.update(self._momentum(step, total_steps))
-        if self._pending is not None:
-            fifo_enqueue_(self.queue, self.queue_ptr, F.normalize(gather_no_grad(self._pending), dim=1))
-            self._pending = None
+        self._enqueue_pending()
 
 class MoCoV1(MoCoV2):
     "MoCo v1: as v2 but a linear head and temperature 0.07."
@@ -245,9 +258,7 @@ class BYOL(Method):
         hid = proj_hidden_dim or self.feat_dim
         self.projector = mlp(self.feat_dim, hid, proj_dim)
         self.predictor = mlp(proj_dim, pred_hidden_dim or hid, proj_dim)
-        self.target_backbone, self.target_projector = copy.deepcopy(self.backbone), copy.deepcopy(self.projector)
-        self._ema = EMA(nn.ModuleList([self.backbone, self.projector]),
-                        nn.ModuleList([self.target_backbone, self.target_projector]))
+        self.target_backbone, self.target_projector = self._ema_copies(self.backbone, self.projector)
 
     def forward(self, views, batch=None, roles=None):
         online, tgt, pairs = self._branches(self._check(views, roles))
@@ -293,13 +304,11 @@ class NNCLR(Method):
                  pred_hidden_dim: int | None = None, queue_size: int = 4096, temperature: float = 0.1,
                  target_view: str | None = None):
         super().__init__(backbone, target_view)
-        if queue_size < 1: raise ConfigError(f"queue_size must be >= 1, got {queue_size}")
         hid = proj_hidden_dim or self.feat_dim
         self.temperature = temperature
         self.projector = mlp(self.feat_dim, hid, proj_dim, num_layers=3, bn_last=True, last_affine=True)
         self.predictor = mlp(proj_dim, pred_hidden_dim or hid, proj_dim)
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._init_queue(queue_size, proj_dim)
 
     def forward(self, views, batch=None, roles=None):
         online, tgt, pairs = self._branches(self._check(views, roles))
@@ -309,10 +318,7 @@ class NNCLR(Method):
         return self._result(loss, [z[0], z[1]], h[0], z[0], z[1], self.temperature)
 
     @torch.no_grad()
-    def on_step_end(self, step, total_steps):
-        if self._pending is not None:
-            fifo_enqueue_(self.queue, self.queue_ptr, F.normalize(gather_no_grad(self._pending), dim=1))
-            self._pending = None
+    def on_step_end(self, step, total_steps): self._enqueue_pending()
 
 # %% ../nbs/07_methods.ipynb #75624950
 class DINOHead(nn.Module):
@@ -356,9 +362,7 @@ class DINO(Method):
         self.freeze_last_layer_steps = freeze_last_layer_steps
         self.head = DINOHead(self.feat_dim, out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer,
                              use_bn_in_head)
-        self.teacher_backbone, self.teacher_head = copy.deepcopy(self.backbone), copy.deepcopy(self.head)
-        self._ema = EMA(nn.ModuleList([self.backbone, self.head]),
-                        nn.ModuleList([self.teacher_backbone, self.teacher_head]))
+        self.teacher_backbone, self.teacher_head = self._ema_copies(self.backbone, self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
