@@ -6,7 +6,7 @@ Docs: https://attnssl.github.io/attnssl/experiments.html.md"""
 
 # %% ../nbs/13_experiments.ipynb #fcea0563
 from __future__ import annotations
-import copy, dataclasses, hashlib, json, os, resource, socket, sys, time
+import copy, dataclasses, hashlib, inspect, json, os, resource, socket, sys, time
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
@@ -576,13 +576,10 @@ def shared_parameters(namespace: dict) -> dict:
     names = [f.name for f in dataclasses.fields(SharedParams)]
     return dataclasses.asdict(SharedParams(**{k: namespace[k] for k in names if k in namespace}))
 
-_CONFIG_PARAMS = ("dataset", "image_size", "num_images", "num_test_images", "clutter", "object_area", "object_colour",
-                  "backbone", "width", "epochs", "batch_size", "lr", "knn_k", "linear_epochs", "linear_protocol", "device",
-                  "data_root", "recipe", "num_val_images")
-
 def base_config(params: dict, **kw) -> dict:
-    "A template's base run config from its shared parameters (`make_config` with them, then `kw`)."
-    return make_config(**{k: params[k] for k in _CONFIG_PARAMS}, **kw)
+    "A template's base run config: `make_config` with the shared parameters it takes, then `kw`."
+    takes = inspect.signature(make_config).parameters
+    return make_config(**{k: v for k, v in params.items() if k in takes}, **kw)
 
 def attention_spec(base: dict, params: dict) -> dict:
     "The attention source a template's parameters ask for: the recipe's DINO ViT on `base`'s data, or a named source."
@@ -611,7 +608,7 @@ def run_grid(base: dict, arms: dict[str, dict], seeds: int | Iterable[int] = 1, 
         for s in seeds:
             cfg = override(base, {**(upd or {}), "seed": s})
             report_progress(grid=tag, run=f"{arm} seed {s}", done=len(rows), total=total,
-                            run_dir=str(run_dir(cfg, root)), epochs=canonical_config(cfg)["train"].get("epochs"))
+                            run_dir=str(run_dir(cfg, root)), epochs=cfg.get("train", {}).get("epochs"))
             t0 = time.time(); res = run(cfg)
             if log: log(f"{tag + ' ' if tag else ''}{arm} seed {s}: {'cached' if res.get('cached') else 'trained'} "
                         f"({res.get('key', '')}) in {time.time() - t0:.1f}s")

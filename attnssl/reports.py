@@ -321,15 +321,15 @@ def render_attention(source, folder: str | os.PathLike, out_dir: str | os.PathLi
     source's mean / std (ImageNet's when it has none). Returns the paths written under `out_dir`."""
     import matplotlib.pyplot as plt, torch
     from attnssl.attention import hard_mask, postprocess, upsample, normalize_max, sanitize_maps
-    from attnssl.datasets import load_image, scan_image_folder
+    from attnssl.augment import normalize_images
+    from attnssl.datasets import DATASET_STATS, load_image, scan_image_folder
     files = scan_image_folder(folder)[0][:limit]
-    mean = torch.tensor(source.mean or (0.485, 0.456, 0.406))[:, None, None]
-    std = torch.tensor(source.std or (0.229, 0.224, 0.225))[:, None, None]
+    mean, std = source.mean or DATASET_STATS["imagefolder"][0], source.std or DATASET_STATS["imagefolder"][1]   # ImageNet's
     out, written = Path(out_dir), []
     out.mkdir(parents=True, exist_ok=True)
     for f in files:
         img = torch.from_numpy(load_image(f, image_size)).permute(2, 0, 1).float() / 255        # (3,H,W) in [0,1]
-        maps = source.maps(((img - mean) / std)[None])                                          # (1,1,h,w)
+        maps = source.maps(normalize_images(img[None], mean, std))                              # (1,1,h,w)
         size = tuple(img.shape[-2:])
         heat = normalize_max(upsample(sanitize_maps(maps)[0], size))[0, 0]
         soft, hard = postprocess(maps, size, s=s)[0], hard_mask(maps, t, size)[0].float()

@@ -11,14 +11,13 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from .core import ConfigError, check_keys
 from .augment import (Augment, byol_augment, crop_resize, light_augment, Normalize, sample_crop_boxes,
                              simclr_augment, to_float)
 from .attention import (AttentionSource, FeatureNormSource, MapCache, build_attention_source, hard_mask,
-                               iter_source_maps, postprocess, sanitize_maps)
+                               iter_source_maps, normalize_max, postprocess, sanitize_maps, upsample)
 
 # %% auto #0
 __all__ = ['VIEWS', 'AUGMENTS', 'ViewGenerator', 'TwoCropViews', 'MultiCropViews', 'AttentionViews', 'heatmap_boxes',
@@ -262,13 +261,12 @@ class ContrastiveCropViews(ViewGenerator):
 
     def update_boxes(self, indices: Tensor, maps: Tensor, image_hw: tuple[int, int] | None = None) -> Tensor:
         "Set the boxes of `indices` from their heatmaps (B,1,h,w) of images of `image_hw`; returns the new boxes."
-        if self.heatmap == "sum":   # min-max per image, then to the image's resolution (constant maps stay degenerate)
-            a = maps.float(); lo, hi = a.amin((2, 3), keepdim=True), a.amax((2, 3), keepdim=True)
-            a = (a - lo) / (hi - lo).clamp_min(1e-12)
-            maps = F.interpolate(a, size=tuple(image_hw or a.shape[-2:]), mode="bilinear", align_corners=False)
-        boxes = heatmap_boxes(maps, self.k).cpu()
+        a, fallbacks = sanitize_maps(maps)
+        if self.heatmap == "sum":   # min-max per image, then to the image's resolution
+            a = upsample(normalize_max(a, "minmax"), tuple(image_hw or a.shape[-2:]))
+        boxes = heatmap_boxes(a, self.k).cpu()
         self.boxes[torch.as_tensor(indices).long().cpu()] = boxes
-        self._note("fallback_count", sum(sanitize_maps(maps)[1].values()))
+        self._note("fallback_count", sum(fallbacks.values()))
         return boxes
 
     def refresh(self, dataset=None, source: AttentionSource | None = None, epoch: int = 0) -> None:
