@@ -22,8 +22,8 @@ from .models import EMA, cosine_momentum, mlp
 
 # %% auto #0
 __all__ = ['MOMENTUM_SCHEDULES', 'VIEW_ROLES', 'TARGET_VIEWS', 'METHODS', 'role_index', 'Method', 'fifo_enqueue_', 'SimCLR',
-           'MoCoV2', 'MoCoV1', 'BYOL', 'SimSiam', 'NNCLR', 'DINOHead', 'DINO', 'MemoryBank', 'method_hparams',
-           'build_method']
+           'MoCoV2', 'MoCoV1', 'BYOL', 'SimSiam', 'NNCLR', 'DINOHead', 'DINO', 'MemoryBank', 'register_method',
+           'method_hparams', 'build_method']
 
 # %% ../nbs/07_methods.ipynb #752e0f98
 MOMENTUM_SCHEDULES = ("constant", "cosine")
@@ -468,6 +468,18 @@ class MemoryBank(Method):
 METHODS: dict[str, type[Method]] = {"simclr": SimCLR, "moco_v1": MoCoV1, "moco_v2": MoCoV2, "byol": BYOL,
                                     "simsiam": SimSiam, "nnclr": NNCLR, "dino": DINO, "memory_bank": MemoryBank}
 
+def register_method(name: str):
+    """Class decorator: make a `Method` subclass buildable by `name` (configs, `build_method`, the CLI). Modules
+    above this one register their methods with it; the package imports them, so `import attnssl` knows every name."""
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise ConfigError(f"register_method({name!r}) takes a Method subclass, got {cls!r}")
+        if METHODS.get(name, cls) is not cls:
+            raise ConfigError(f"method name {name!r} is taken by {METHODS[name].__name__}; choose another name")
+        METHODS[name] = cls
+        return cls
+    return deco
+
 def method_hparams(name: str) -> dict:
     "Hyperparameters of method `name` with their defaults."
     if name not in METHODS:
@@ -476,6 +488,6 @@ def method_hparams(name: str) -> dict:
     return {p.name: p.default for p in params}
 
 def build_method(name: str, backbone: nn.Module, **hparams) -> Method:
-    "Method `name` (simclr, moco_v1, moco_v2, byol, simsiam, nnclr, dino, memory_bank) on `backbone`."
+    "Method `name` (a key of `METHODS`: simclr, moco_v1, moco_v2, byol, simsiam, nnclr, dino, memory_bank, ...) on `backbone`."
     check_keys(hparams, method_hparams(name), f"{name} hyperparameter")
     return METHODS[name](backbone, **hparams)

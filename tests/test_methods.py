@@ -325,3 +325,16 @@ def test_dino_freeze_last_layer_steps():
     m.on_step_end(0, 10); m.on_step_end(1, 10)                 # two steps done: the layer trains from now on
     m(views, batch)["loss"].backward()
     assert m.head.last_v.grad is not None
+
+
+def test_register_method_makes_a_method_buildable_by_name():
+    from attnssl.methods import METHODS, SimCLR, build_method, register_method
+    from attnssl.core import ConfigError
+    class Renamed(SimCLR): name = "renamed"
+    try:
+        register_method("renamed")(Renamed)
+        assert isinstance(build_method("renamed", build_backbone("resnet18", width=4)), Renamed)
+        register_method("renamed")(Renamed)                        # the same class again: harmless
+        with pytest.raises(ConfigError, match="taken"): register_method("simclr")(Renamed)
+        with pytest.raises(ConfigError, match="Method subclass"): register_method("x")(int)
+    finally: METHODS.pop("renamed", None)
