@@ -32,7 +32,7 @@ test: $(STAMP)
 reports: $(STAMP)
 	$(VENV)/bin/attnssl reproduce --profile $(PROFILE) --jobs $(JOBS)
 
-# JupyterLab on the notebooks (adds the optional `lab` extra: JupyterLab and pandas)
+# JupyterLab on the notebooks (adds the optional `lab` extra)
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,lab]" 2>&1 | grep -v "^WARNING: Location" || true
 	$(VENV)/bin/jupyter lab nbs

@@ -161,16 +161,18 @@ def progress_line(exp_id: str, out_dir: str | os.PathLike) -> str | None:
     return f"  {exp_id}: {st.get('grid') or 'grid'} run {st['done'] + 1}/{st['total']} ({st['run']}), {where}"
 
 def execute_template(nb: str | os.PathLike, out_dir: str | os.PathLike, params: dict, meta: dict,
-                     runs_root: str | None = None, threads: int | None = None) -> dict:
+                     runs_root: str | None = None, threads: int | None = None, tensorboard: bool = False) -> dict:
     """Execute one template with papermill into `out_dir`, write its `meta.json` (`meta` plus status, error,
-    elapsed_s, date) and return it. A failure is recorded, not raised. Runs in a worker process when `jobs > 1`."""
+    elapsed_s, date) and return it. A failure is recorded, not raised. Runs in a worker process when `jobs > 1`.
+    `tensorboard`: every run the template trains also logs TensorBoard scalars into its run folder."""
     import papermill as pm
     nb, d = Path(nb), Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     t0, status, error = time.time(), "ok", None
     try:
         with _env(ATTNSSL_RUNS=str(Path(runs_root).expanduser().resolve()) if runs_root else None,
-                  OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, ATTNSSL_PROGRESS=str(d/PROGRESS_FILE)):
+                  OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, ATTNSSL_PROGRESS=str(d/PROGRESS_FILE),
+                  ATTNSSL_TENSORBOARD="1" if tensorboard else None):
             with warnings.catch_warnings():   # shared parameters are not declared in the template's cell, by design
                 warnings.filterwarnings("ignore", message="Passed unknown parameter")
                 pm.execute_notebook(str(nb), str(d/nb.name), parameters=params, kernel_name="python3",
@@ -201,7 +203,7 @@ def _watch_progress(running: list[tuple[str, str]], finished: dict, log: Callabl
 def reproduce(profile: str = "small", only: Sequence[str] | None = None, seeds: int | None = None,
               data_root: str | None = None, out: str | os.PathLike = "reports", runs_root: str | None = None,
               force: bool = False, set_params: dict | None = None, log: Callable[[str], Any] | None = print,
-              strict: bool = True, threads: int | None = None, jobs: int = 1) -> dict:
+              strict: bool = True, threads: int | None = None, jobs: int = 1, tensorboard: bool = False) -> dict:
     """Run the experiment templates with `profile`'s parameters and write `<out>/README.md`; returns a summary.
     `jobs` templates run at once, each in its own process with `threads` CPU threads (default: cores / jobs)."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -229,7 +231,7 @@ def reproduce(profile: str = "small", only: Sequence[str] | None = None, seeds: 
                 "dataset": params.get("dataset", template_parameters(nb).get("dataset", "clutter")),
                 "seeds": params.get("seeds", template_parameters(nb).get("seeds")), "device": hw["device"],
                 "threads": threads, "jobs": jobs}
-        work.append((str(nb), str(out/i), params, meta, runs_root, threads))
+        work.append((str(nb), str(out/i), params, meta, runs_root, threads, tensorboard))
     def done(m):
         summary[m["id"]] = m
         log(f"[{len(summary)}/{len(todo)}] {m['title']}: {m['status']} in {m['elapsed_s']:.1f}s"
@@ -283,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, help="CPU threads per experiment kernel (default: $ATTNSSL_THREADS or torch's "
                    "default, or cores / jobs); 1 is fastest on a machine shared with other jobs")
     r.add_argument("--jobs", type=int, default=1, help="templates run at once, each in its own process (default: 1)")
+    r.add_argument("--tensorboard", action="store_true", help="log every training run as TensorBoard scalars in its run "
+                   "folder (needs the tensorboard package; view with: tensorboard --logdir .cache/runs)")
     sub.add_parser("list", help="list experiment templates and profiles")
     a = sub.add_parser("attention", help="render attention maps (and the views built from them) of a ViT on a folder of images")
     a.add_argument("--images", required=True, help="folder of images (class subfolders or flat)")
@@ -320,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"attnssl attention: {len(paths)} image(s) -> {args.out}"); return 0
         reproduce(profile=args.profile, only=args.only, seeds=args.seeds, data_root=args.data_root, out=args.out,
                   runs_root=args.runs_root, force=args.force, set_params=_parse_set(args.set_params), threads=args.threads,
-                  jobs=args.jobs)
+                  jobs=args.jobs, tensorboard=args.tensorboard)
         return 0
     except ConfigError as e:
         print(f"attnssl: error: {e}", file=sys.stderr); return 2

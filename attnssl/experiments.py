@@ -30,7 +30,7 @@ __all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATAS
 
 # %% ../nbs/13_experiments.ipynb #dc0ed44f
 SECTIONS = ("dataset", "backbone", "method", "views", "align", "train", "eval", "seed")
-RUNTIME_KEYS = ("device", "data_root", "progress", "num_workers", "download")
+RUNTIME_KEYS = ("device", "data_root", "progress", "num_workers", "download", "tensorboard")
 CACHE_VERSION = 3  # bump on ANY change in what training or evaluation does: a stale run is never reused
 # v2: validation split carved from eval-train (kNN monitor on it), ResNet `stem`/`last_stride`, recipes, view roles
 #     (methods keep their symmetric loss under align), DINO runs save the teacher, metrics log `loss_method`
@@ -337,7 +337,9 @@ def pretrain(config: dict, directory: Path) -> dict:
     tc = T.TrainConfig.from_dict({**cfg["train"], "out_dir": str(directory), "seed": cfg["seed"], "device": str(device),
                                   "progress": rt.get("progress", False), "num_workers": rt.get("num_workers", 0)})
     monitor = sets["val"] if sets["val"] is not None else sets["test"]   # curves select on val when there is one
-    trainer = T.Trainer(method, views, sets["ssl"], tc, eval_sets=(sets["train"], monitor))
+    tb = rt.get("tensorboard", os.environ.get("ATTNSSL_TENSORBOARD") == "1")   # logging only: not part of the run's key
+    trainer = T.Trainer(method, views, sets["ssl"], tc, eval_sets=(sets["train"], monitor),
+                        callbacks=[T.TensorBoardLogger(directory/"tensorboard")] if tb else ())
     final = trainer.fit()
     encoder = method.export_backbone()   # what the run hands on: the backbone (DINO: the teacher's)
     atomic_torch_save(encoder.state_dict(), directory/"encoder.pt")

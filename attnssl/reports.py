@@ -16,9 +16,9 @@ from .core import ConfigError, atomic_write_bytes, atomic_write_json, atomic_wri
 # %% auto #0
 __all__ = ['COLLAPSE_S_NEG', 'COLLAPSE_S_GAP', 'COLLAPSE_UNIFORMITY', 'COLLAPSE_KNN_MARGIN', 'COLLAPSE_FLAGS', 'STUDY_FAMILIES',
            'mean_std', 'fmt_mean_std', 't_quantile_975', 'ci95', 'fmt_ci95', 'collapse_flags', 'Table', 'summarize',
-           'pivot', 'paired_verdict', 'claim', 'verdict_table', 'write_table', 'save_figure', 'plot_curves',
-           'image_grid', 'embedding_plot', 'render_attention', 'write_meta', 'read_meta', 'experiment_sort_key',
-           'build_index', 'write_index']
+           'pivot', 'runs_frame', 'paired_verdict', 'claim', 'verdict_table', 'write_table', 'save_figure',
+           'plot_curves', 'image_grid', 'embedding_plot', 'render_attention', 'write_meta', 'read_meta',
+           'experiment_sort_key', 'build_index', 'write_index']
 
 # %% ../nbs/14_reports.ipynb #f4187a6d
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
@@ -108,6 +108,11 @@ class Table:
         for r in self.raw: w.writerow({k: ("" if v is None else v) for k, v in r.items()})
         return buf.getvalue()
 
+    def to_frame(self):
+        "The raw rows (numbers, as in the CSV) as a pandas DataFrame."
+        import pandas as pd
+        return pd.DataFrame(self.raw)
+
     def _repr_markdown_(self): return self.to_markdown()
     def __repr__(self): return self.to_markdown()
 
@@ -188,6 +193,14 @@ def pivot(rows: list[dict], index: str, columns: str, metric: str, digits: int =
     cols = [index] + [str(c) for c in ckeys]
     cols += [k for k in dict.fromkeys(k for r in disp for k in r) if k not in cols]
     return Table(disp, cols, caption=caption, raw=raw)
+
+# %% ../nbs/14_reports.ipynb #c6f309b6
+def runs_frame(rows: list[dict]):
+    "Per-run rows (`experiments.run_grid`, `reference_rows`) as a pandas DataFrame; `cost` flattened, the nested `result` left out."
+    import pandas as pd
+    flat = [{**{k: v for k, v in r.items() if k not in ("cost", "result")},
+             **{f"cost.{k}": v for k, v in (r.get("cost") or {}).items() if not isinstance(v, (list, dict))}} for r in rows]
+    return pd.DataFrame(flat)
 
 # %% ../nbs/14_reports.ipynb #180b8c40
 def paired_verdict(a: dict[int, float], b: dict[int, float], margin: float, min_seeds: int = 3) -> dict:

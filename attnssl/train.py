@@ -23,7 +23,7 @@ from .evaluate import OnlineProbe, extract_features, knn_classify, linear_accura
 
 # %% auto #0
 __all__ = ['TrainConfig', 'scaled_lr', 'lr_factor', 'LARS', 'param_groups', 'build_optimizer', 'TrainingDiverged', 'Trainer',
-           'state_dict', 'load_state_dict', 'save_checkpoint', 'train_epoch', 'evaluate', 'fit']
+           'state_dict', 'load_state_dict', 'save_checkpoint', 'train_epoch', 'evaluate', 'fit', 'TensorBoardLogger']
 
 # %% ../nbs/08_train.ipynb #604ba693
 @dataclass
@@ -443,3 +443,36 @@ def fit(self) -> dict:
         self._call("on_epoch_end", metrics)
         if self.epoch % c.checkpoint_every == 0 or self.epoch == end: self.save_checkpoint()
     return dict(self.history[-1]) if self.history else {}
+
+# %% ../nbs/08_train.ipynb #e2560ce3
+class TensorBoardLogger:
+    "Trainer callback: epoch metrics and the step loss as TensorBoard scalars under `log_dir` (x axis: optimiser steps)."
+    def __init__(self, log_dir: str | os.PathLike, every: int = 10):
+        if every < 1: raise ConfigError(f"every must be >= 1 (steps between loss points), got {every}")
+        self.log_dir, self.every, self.writer = Path(log_dir), every, None
+
+    def _writer(self, trainer):
+        if self.writer is None:   # opened at the first epoch, after a resume: the old run's events after the checkpoint go
+            try: from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from e
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=trainer.step + 1 if trainer.step else None)
+        return self.writer
+
+    def on_epoch_start(self, trainer) -> None:
+        if trainer.is_main: self._writer(trainer)
+
+    def on_step_end(self, trainer, out: dict) -> None:
+        if trainer.is_main and trainer.step % self.every == 0:
+            self._writer(trainer).add_scalar("train/loss", float(out["loss"].detach()), trainer.step)
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        if not trainer.is_main: return
+        w = self._writer(trainer)
+        for k, v in metrics.items():
+            if k not in ("epoch", "step") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                w.add_scalar(f"epoch/{k}", v, metrics["step"])
+        w.flush()
+
+    def close(self) -> None:
+        if self.writer is not None: self.writer.close(); self.writer = None

@@ -57,6 +57,7 @@ def test_parser():
     assert (a.profile, a.only, a.seeds, a.data_root, a.out) == ("smoke", ["E2", "A1"], 3, "/d", "o")
     assert cli._parse_set(a.set_params) == {"epochs": 2, "device": "cpu"}
     assert cli.build_parser().parse_args(["reproduce"]).profile == "small"
+    assert cli.build_parser().parse_args(["reproduce", "--tensorboard"]).tensorboard and not a.tensorboard
     with pytest.raises(SystemExit): cli.build_parser().parse_args(["reproduce", "--seeds", "two"])
     with pytest.raises(ConfigError): cli._parse_set(["epochs"])
 

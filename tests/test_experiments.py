@@ -264,3 +264,17 @@ def test_attention_vit_is_a_run_trained_once_then_loaded(tmp_path, monkeypatch):
     assert torch.allclose(again.maps(x), src.maps(x), atol=1e-6) and again.maps(x).shape == (2, 1, 4, 4)
     encoder = torch.load(folder/"encoder.pt")        # the run's exported backbone (DINO: the teacher)
     assert all(torch.equal(v, encoder[k]) for k, v in again.module.state_dict().items())
+
+def test_tensorboard_logging_is_runtime_not_identity(tmp_path, monkeypatch):
+    "`runtime.tensorboard` (or $ATTNSSL_TENSORBOARD=1, set by `attnssl reproduce --tensorboard`) logs the run; its key is unchanged."
+    pytest.importorskip("tensorboard")
+    from attnssl.experiments import config_key, make_config, run_pretrain
+    cfg = make_config(num_images=32, num_test_images=16, width=2, epochs=1, batch_size=16, linear=False, knn_k=5, device="cpu")
+    logged = {**cfg, "runtime": {**cfg["runtime"], "tensorboard": True}}
+    assert config_key(logged) == config_key(cfg)
+    res = run_pretrain(logged, root=tmp_path)
+    assert any((Path(res["run_dir"])/"tensorboard").glob("events.out.tfevents.*"))
+    monkeypatch.setenv("ATTNSSL_TENSORBOARD", "1")
+    res = run_pretrain(make_config(num_images=32, num_test_images=16, width=2, epochs=1, batch_size=16, linear=False,
+                                   knn_k=5, device="cpu", seed=1), root=tmp_path)
+    assert any((Path(res["run_dir"])/"tensorboard").glob("events.out.tfevents.*"))

@@ -190,3 +190,31 @@ def test_trainer_passes_view_roles_and_logs_loss_method(tmp_path):
     rows = [json.loads(l) for l in (tmp_path/"metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_method"] == r["loss"] for r in rows)          # an unwrapped method: its loss is the loss
     assert "target" not in {f.name for f in dataclasses.fields(TrainConfig)}   # the index knob is gone: roles decide
+
+
+def _scalars(log_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(log_dir)); ea.Reload()
+    return [(e.step, e.value) for e in ea.Scalars(tag)]
+
+
+def test_tensorboard_logger_writes_the_metrics_and_purges_what_a_resume_redoes(tmp_path):
+    pytest.importorskip("tensorboard")
+    from attnssl.train import TensorBoardLogger
+    def fit(epochs, **kw):
+        torch.manual_seed(0); tb = TensorBoardLogger(tmp_path/"tb", every=2)
+        t = Trainer(ToyMethod(), ToyViews(), toy_data(), cfg(tmp_path/"run", epochs=epochs, **kw),
+                    eval_sets=(toy_data(), toy_data(32, 1)), callbacks=[tb])
+        final = t.fit(); tb.close(); return t, final
+    t, final = fit(3, stop_after_epochs=2)                       # 4 steps per epoch; stops after step 8
+    assert [s for s, _ in _scalars(tmp_path/"tb", "train/loss")] == [2, 4, 6, 8]
+    knn = _scalars(tmp_path/"tb", "epoch/knn_top1")
+    assert [s for s, _ in knn] == [4, 8] and knn[-1][1] == pytest.approx(final["knn_top1"], abs=1e-4)
+    lines = [json.loads(l) for l in (tmp_path/"run"/"metrics.jsonl").read_text().splitlines()]
+    assert [v for _, v in _scalars(tmp_path/"tb", "epoch/loss")] == pytest.approx([l["loss"] for l in lines], abs=1e-5)
+    from torch.utils.tensorboard import SummaryWriter           # a crashed epoch that logged past the checkpoint
+    with SummaryWriter(str(tmp_path/"tb")) as w: w.add_scalar("train/loss", 99.0, 10)
+    fit(3)                                                       # resumes at step 8: the stray point is purged
+    assert _scalars(tmp_path/"tb", "train/loss") == [(s, v) for s, v in _scalars(tmp_path/"tb", "train/loss") if v != 99.0]
+    assert [s for s, _ in _scalars(tmp_path/"tb", "train/loss")] == [2, 4, 6, 8, 10, 12]
+    with pytest.raises(ConfigError, match="every"): TensorBoardLogger(tmp_path, every=0)
