@@ -19,14 +19,14 @@ from .core import (ConfigError, atomic_torch_save, atomic_write_json, check_keys
 from .synthetic import DEFAULT_OBJECT_AREA, check_clutter, check_object_area, check_object_colour
 
 # %% auto #0
-__all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'DATASET_SPLITS', 'RESIZED_DATASETS', 'RECIPE_SECTIONS',
-           'REFERENCES', 'override', 'canonical_config', 'config_key', 'repo_root', 'runs_root', 'run_dir', 'RunLocked',
-           'lock_is_stale', 'run_lock', 'load_result', 'cached_run', 'build_datasets', 'build_backbone_from',
-           'load_encoder', 'load_metrics', 'pretrain', 'attention_source_of', 'build_view_generator',
-           'evaluate_encoder', 'run_pretrain', 'dataset_section', 'recipes_path', 'load_recipe', 'method_section',
-           'method_backbone', 'views_section', 'make_config', 'vit_source', 'attention_views', 'SharedParams',
-           'shared_parameters', 'base_config', 'attention_spec', 'report_progress', 'run_grid', 'finetune_run',
-           'reference_run', 'reference_rows', 'source_maps', 'curves']
+__all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'EVAL_KEYS', 'DATASET_SPLITS', 'RESIZED_DATASETS',
+           'RECIPE_SECTIONS', 'REFERENCES', 'override', 'canonical_config', 'config_key', 'check_config', 'repo_root',
+           'runs_root', 'run_dir', 'RunLocked', 'lock_is_stale', 'run_lock', 'load_result', 'cached_run',
+           'build_datasets', 'build_backbone_from', 'load_encoder', 'load_metrics', 'pretrain', 'attention_source_of',
+           'build_view_generator', 'evaluate_encoder', 'run_pretrain', 'dataset_section', 'recipes_path', 'load_recipe',
+           'method_section', 'method_backbone', 'views_section', 'make_config', 'vit_source', 'attention_views',
+           'SharedParams', 'shared_parameters', 'base_config', 'attention_spec', 'report_progress', 'run_grid',
+           'finetune_run', 'reference_run', 'reference_rows', 'source_maps', 'curves']
 
 # %% ../nbs/13_experiments.ipynb #dc0ed44f
 SECTIONS = ("dataset", "backbone", "method", "views", "align", "train", "eval", "seed")
@@ -111,6 +111,33 @@ def config_key(config: dict) -> str:
     c = canonical_config(config); c.pop("runtime", None)
     blob = json.dumps({"v": CACHE_VERSION, "config": _hashable(c)}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+# %% ../nbs/13_experiments.ipynb #7fb5f6d8
+EVAL_KEYS = ("knn", "knn_k", "knn_temperature", "linear", "linear_protocol", "linear_epochs")
+_SET_BY_PRETRAIN = ("out_dir", "seed", "device", "progress", "num_workers")   # TrainConfig fields a run takes from elsewhere
+
+def check_config(config: dict) -> dict:
+    "The canonical form of `config`, after checking each section against what it configures; `ConfigError` names the fix."
+    import inspect
+    from attnssl import align as Al, datasets as Ds, methods as Me, models as Mo, train as T, views as V
+    c = canonical_config(config)
+    def named(section, valid, what):
+        name = c[section].get("name")
+        if name not in valid: raise ConfigError(f"{section}.name={name!r}: unknown {what}; valid names are: {', '.join(sorted(valid))}")
+        return name, {k: v for k, v in c[section].items() if k != "name"}
+    named("dataset", Ds.dataset_names(), "dataset")
+    name, kw = named("backbone", Mo.BACKBONES, "backbone")
+    check_keys(kw, inspect.signature(Mo.BACKBONES[name]).parameters, f"backbone {name} option")
+    name, kw = named("method", Me.METHODS, "method")
+    check_keys(kw, Me.method_hparams(name), f"{name} hyperparameter")
+    named("views", V.VIEWS, "view generator")
+    if c["align"].get("lam"):
+        check_keys(c["align"], ("lam", "target"), "align key")
+        if c["align"].get("target", "attention") not in Al.ALIGN_TARGETS:
+            raise ConfigError(f"align.target={c['align']['target']!r}; valid targets are: {', '.join(Al.ALIGN_TARGETS)}")
+    check_keys(c["train"], [f.name for f in dataclasses.fields(T.TrainConfig) if f.name not in _SET_BY_PRETRAIN], "train key")
+    check_keys(c["eval"], EVAL_KEYS, "eval key")
+    return c
 
 # %% ../nbs/13_experiments.ipynb #2efe4ddc
 def repo_root() -> Path:
@@ -403,7 +430,7 @@ def evaluate_encoder(backbone, sets: dict, ev: dict, device, seed: int = 0) -> d
 
 def run_pretrain(config: dict, root=None, wait: bool = True, log: Callable | None = None) -> dict:
     "Cached pretrain + evaluation of `config`; returns the result dict (see `cached_run`)."
-    return cached_run(config, pretrain, root=root, wait=wait, log=log)
+    return cached_run(check_config(config), pretrain, root=root, wait=wait, log=log)
 
 # %% ../nbs/13_experiments.ipynb #a114c2b1
 DATASET_SPLITS = {
@@ -604,6 +631,8 @@ def run_grid(base: dict, arms: dict[str, dict], seeds: int | Iterable[int] = 1, 
              run: Callable | None = None, log: Callable | None = print, tag: str = "") -> list[dict]:
     "Run every arm (dotted-key update of `base`) for every seed through the cache; one row per run."
     seeds = range(seeds) if isinstance(seeds, int) else list(seeds)
+    if run is None:   # pretraining arms: a typo in the last one fails now, not after the others have trained
+        for upd in arms.values(): check_config(override(base, upd or {}))
     run = run or (lambda cfg: run_pretrain(cfg, root=root))
     rows, total = [], len(arms) * len(seeds)
     for arm, upd in arms.items():

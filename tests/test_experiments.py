@@ -278,3 +278,20 @@ def test_tensorboard_logging_is_runtime_not_identity(tmp_path, monkeypatch):
     res = run_pretrain(make_config(num_images=32, num_test_images=16, width=2, epochs=1, batch_size=16, linear=False,
                                    knn_k=5, device="cpu", seed=1), root=tmp_path)
     assert any((Path(res["run_dir"])/"tensorboard").glob("events.out.tfevents.*"))
+
+def test_check_config_names_the_fix_before_anything_trains(tmp_path):
+    from attnssl.core import ConfigError
+    from attnssl.experiments import DEFAULT_CONFIG, canonical_config, check_config, make_config, run_grid
+    assert check_config(DEFAULT_CONFIG) == canonical_config(DEFAULT_CONFIG)
+    base = make_config(num_images=32, num_test_images=16, width=2, epochs=1, batch_size=16, linear=False, knn_k=5, device="cpu")
+    check_config(base)
+    for upd, match in [({"method.temprature": 0.2}, "temprature"), ({"train.epoch": 2}, "epoch"), ({"backbone.widht": 4}, "widht"),
+                       ({"method.name": "simclr2"}, "unknown method"), ({"views.name": "two_crops"}, "view generator"),
+                       ({"dataset.name": "cifar-11"}, "unknown dataset"), ({"eval.knn_kk": 3}, "knn_kk"),
+                       ({"align": {"lam": 1.0, "target": "teacher"}}, "align.target")]:
+        from attnssl.experiments import override
+        with pytest.raises(ConfigError, match=match): check_config(override(base, upd))
+    calls = []
+    with pytest.raises(ConfigError, match="temprature"):   # the bad arm is last: nothing trains
+        run_grid(base, {"ok": {}, "typo": {"method.temprature": 0.2}}, root=tmp_path, log=calls.append)
+    assert calls == [] and not any(tmp_path.iterdir())
