@@ -16,13 +16,14 @@ from torchvision.ops import roi_align
 from kornia.color import rgb_to_grayscale
 from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction,
                             adjust_saturation_with_gray_subtraction, adjust_hue, solarize)
-from kornia.filters import gaussian_blur2d
+from kornia.filters import gaussian_blur2d, spatial_gradient
 
 from .core import ConfigError, check_keys
 
 # %% auto #0
-__all__ = ['to_float', 'maps_to_float', 'sample_crop_boxes', 'crop_resize', 'color_jitter', 'grayscale', 'gaussian_blur',
-           'default_blur_kernel', 'Augment', 'simclr_augment', 'byol_augment', 'light_augment', 'Normalize',
+__all__ = ['COMPOSITION_OPS', 'to_float', 'maps_to_float', 'sample_crop_boxes', 'crop_resize', 'color_jitter', 'grayscale',
+           'gaussian_blur', 'default_blur_kernel', 'Augment', 'simclr_augment', 'byol_augment', 'light_augment',
+           'gaussian_noise', 'cutout', 'sample_cutout_boxes', 'rotate90', 'sobel', 'Composition', 'Normalize',
            'normalize_images']
 
 # %% ../nbs/03_augment.ipynb #51076bba
@@ -297,6 +298,83 @@ def byol_augment(size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), p_jitter:
 def light_augment(size=None, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter: float = 0.8, p_gray: float = 0.2, **kw) -> Augment:
     "T_light: flip + colour jitter + grayscale, no crop (resize only if the input is not `size`)."
     return Augment(size, **{"crop": False, "jitter": jitter, "p_jitter": p_jitter, "p_gray": p_gray, **kw})
+
+# %% ../nbs/03_augment.ipynb #258346c8
+def gaussian_noise(images: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    "Add pixel noise N(0, std_i^2) to image i (`std` (B,)), clamped to [0, 1]; the noise is drawn on the images' device."
+    s = std.to(images.device, images.dtype).view(-1, 1, 1, 1)
+    return (images + torch.randn_like(images) * s).clamp_(0, 1)
+
+def cutout(images: torch.Tensor, boxes: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    "Paint box `boxes[i]` (x0,y0,x1,y1, pixel edges) of image i with `fill`; pixels whose centre lies inside are painted."
+    _check_images(images)
+    H, W = images.shape[-2:]
+    b = boxes.to(images.device, torch.float32)
+    xs = torch.arange(W, device=images.device) + 0.5; ys = torch.arange(H, device=images.device) + 0.5
+    inx = (xs >= b[:, 0:1]) & (xs < b[:, 2:3]); iny = (ys >= b[:, 1:2]) & (ys < b[:, 3:4])
+    inside = iny[:, :, None] & inx[:, None, :]                               # (B, H, W)
+    return images.masked_fill(inside[:, None], fill)
+
+def sample_cutout_boxes(n: int, height: int, width: int, side=(0.2, 0.5), generator: torch.Generator | None = None) -> torch.Tensor:
+    "Square boxes (n,4) of side U(`side`) x the shorter image side, placed uniformly inside the image (CPU)."
+    _check_generator(generator)
+    if not 0 < side[0] <= side[1] <= 1: raise ConfigError(f"side must be (min, max) fractions with 0 < min <= max <= 1, got {side}")
+    s = _uniform((n,), side[0], side[1], generator) * min(height, width)
+    u = torch.rand((n, 2), generator=generator)
+    x0, y0 = u[:, 0] * (width - s), u[:, 1] * (height - s)
+    return torch.stack([x0, y0, x0 + s, y0 + s], 1)
+
+def rotate90(images: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    "Rotate image i by `k[i]` quarter turns counter-clockwise (`k` (B,) ints); square images (a quarter turn swaps H and W)."
+    _check_images(images)
+    if images.shape[-1] != images.shape[-2]: raise ConfigError(f"rotate90 needs square images, got {tuple(images.shape[-2:])}")
+    k = k.cpu().long() % 4
+    out = images.clone()
+    for q, i in zip(range(1, 4), _indices([k == q for q in range(1, 4)], images.device)):
+        out = _on_subset(out, i, len(i), lambda t, _, q=q: torch.rot90(t, q, dims=(-2, -1)))
+    return out
+
+def sobel(images: torch.Tensor) -> torch.Tensor:
+    "Sobel gradient magnitude of the luma, divided by its per-image maximum (a flat image stays ~0), copied to 3 channels."
+    g = spatial_gradient(rgb_to_grayscale(images), mode="sobel").pow(2).sum(2).sqrt()   # (B,1,H,W)
+    g = g / g.flatten(1).amax(1).clamp(min=1e-3).view(-1, 1, 1, 1)   # the floor keeps rounding noise of flat images near 0
+    return g.expand(-1, 3, -1, -1).contiguous()
+
+# %% ../nbs/03_augment.ipynb #1b6369b2
+COMPOSITION_OPS = ("crop", "cutout", "colour", "greyscale", "sobel", "noise", "blur", "rotate")
+
+class Composition(nn.Module):
+    "`ops` (names in `COMPOSITION_OPS`) applied in order, each with per-sample random parameters: `comp(images, maps=None) -> (views, maps_out)`."
+    def __init__(self, size, ops: Sequence[str] = (), crop_scale=(0.08, 1.0), noise_std=(0.05, 0.2), cutout_side=(0.2, 0.5)):
+        super().__init__()
+        if isinstance(ops, str): ops = (ops,)
+        if bad := [o for o in ops if o not in COMPOSITION_OPS]:
+            raise ConfigError(f"unknown composition op(s) {bad}; valid ops are: {', '.join(COMPOSITION_OPS)}")
+        if not 0 <= noise_std[0] <= noise_std[1]: raise ConfigError(f"noise_std must be (min, max) with 0 <= min <= max, got {noise_std}")
+        self.size, self.ops = _pair(size), tuple(ops)
+        self.noise_std, self.cutout_side = tuple(map(float, noise_std)), tuple(map(float, cutout_side))
+        off = dict(crop=False, p_flip=0.0, p_jitter=0.0, p_gray=0.0)
+        self.resize = Augment(size, **off)                                   # identity when the images are already `size`
+        self.steps = nn.ModuleDict({"crop": Augment(size, scale=crop_scale, p_flip=0.5, p_jitter=0.0, p_gray=0.0),
+                                    "colour": Augment(None, crop=False, p_flip=0.0),   # Augment's jitter p 0.8, grey p 0.2
+                                    "greyscale": Augment(None, **{**off, "p_gray": 1.0}),
+                                    "blur": Augment(None, **{**off, "p_blur": 1.0})})
+
+    def extra_repr(self) -> str: return f"size={self.size}, ops={self.ops}"
+
+    def forward(self, images: torch.Tensor, maps: torch.Tensor | None = None, generator: torch.Generator | None = None):
+        x, m = self.resize(images, maps, generator)
+        B, _, H, W = x.shape
+        for op in self.ops:
+            if op in self.steps: x, m = self.steps[op](x, m, generator)
+            elif op == "noise": x = gaussian_noise(x, _uniform((B,), *self.noise_std, generator))
+            elif op == "cutout": x = cutout(x, sample_cutout_boxes(B, H, W, self.cutout_side, generator))
+            elif op == "sobel": x = sobel(x)
+            elif op == "rotate":
+                k = torch.randint(1, 4, (B,), generator=generator)
+                x = rotate90(x, k)
+                if m is not None: m = rotate90(m, k)
+        return x, m
 
 # %% ../nbs/03_augment.ipynb #47ce608c
 class Normalize(nn.Module):

@@ -26,7 +26,8 @@ __all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'EVAL_
            'build_view_generator', 'evaluate_encoder', 'run_pretrain', 'dataset_section', 'recipes_path', 'load_recipe',
            'method_section', 'method_backbone', 'views_section', 'make_config', 'vit_source', 'attention_views',
            'SharedParams', 'shared_parameters', 'base_config', 'attention_spec', 'report_progress', 'run_grid',
-           'finetune_run', 'reference_run', 'reference_rows', 'source_maps', 'curves']
+           'finetune_run', 'load_method', 'projection_probe_run', 'reference_run', 'reference_rows', 'source_maps',
+           'curves']
 
 # %% ../nbs/13_experiments.ipynb #dc0ed44f
 SECTIONS = ("dataset", "backbone", "method", "views", "align", "train", "eval", "seed")
@@ -664,6 +665,35 @@ def finetune_run(pretrain_result: dict, label_fraction: float, seed: int = 0, ro
         return {"top1": float(out["top1"]), "num_labelled": int(out.get("num_labelled", 0)), "steps": int(out["steps"]),
                 "device": _device_name(device)}
     return cached_run(cfg, fn, root=root, kind="finetune")
+
+# %% ../nbs/13_experiments.ipynb #bb858307
+def load_method(result: dict, device="cpu"):
+    "The trained method (backbone and heads) of a finished run, from its last checkpoint, in eval mode."
+    from attnssl import methods
+    cfg = result["config"]
+    if cfg.get("align", {}).get("lam"): raise ConfigError("load_method rebuilds plain methods; this run trained with align (lam > 0)")
+    state = torch.load(Path(result["run_dir"])/"last.pt", map_location=device, weights_only=False)["method"]
+    m = dict(cfg["method"])
+    if m["name"] == "memory_bank": m.setdefault("num_samples", len(state["bank"]))   # one bank row per SSL image
+    method = methods.build_method(m.pop("name"), build_backbone_from(cfg), **m)
+    method.load_state_dict(state)
+    return method.to(device).eval()
+
+def projection_probe_run(pretrain_result: dict, root=None, runtime: dict | None = None) -> dict:
+    """Cached kNN / linear top-1 (test; kNN on val too) of `z = projector(backbone(x))` of a finished run, with the
+    run's own evaluation settings: SimCLR's probe on z. The run's method needs a `projector`."""
+    cfg = {"pretrain": pretrain_result["config"], "features": "projection"}
+    rt = dict(runtime or {})
+    def fn(c, d):
+        device = get_device(rt.get("device", "auto"))
+        sets = build_datasets({**pretrain_result["config"], "runtime": rt})
+        method = load_method(pretrain_result, device)
+        if not hasattr(method, "projector"): raise ConfigError(f"{type(method).__name__} has no projector to probe")
+        enc = torch.nn.Sequential(method.backbone, method.projector).eval()
+        with torch.no_grad(): dim = method.projector(torch.zeros(2, method.feat_dim, device=device)).shape[1]
+        return {**evaluate_encoder(enc, sets, pretrain_result["config"]["eval"], device, pretrain_result["config"]["seed"]),
+                "dim": int(dim), "device": _device_name(device)}
+    return cached_run(cfg, fn, root=root, kind="probe_z")
 
 # %% ../nbs/13_experiments.ipynb #62b080c7
 REFERENCES = ("random init", "supervised")

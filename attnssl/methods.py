@@ -172,7 +172,8 @@ def fifo_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) ->
 class SimCLR(Method):
     """SimCLR: projector + NT-Xent (temperature 0.5 default). `proj_bn=False` drops the projector's BN (the
     Linear-ReLU-Linear head of SimCLR v1 and of ContrastiveCrop's code); `loss_scale` multiplies the loss
-    (ContrastiveCrop scales it by temperature / 0.07)."""
+    (ContrastiveCrop scales it by temperature / 0.07). `proj_layers=0` is "no head" (z = h: SimCLR's head study),
+    1 a linear head, 2 or more the nonlinear MLP."""
     name = "simclr"
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int | None = None, proj_dim: int = 128,
                  proj_layers: int = 2, temperature: float = 0.5, gather: bool = True, proj_bn: bool = True,
@@ -180,8 +181,9 @@ class SimCLR(Method):
         super().__init__(backbone)
         if not loss_scale > 0: raise ConfigError(f"loss_scale must be > 0, got {loss_scale}")
         self.temperature, self.gather, self.loss_scale = temperature, gather, loss_scale
-        self.projector = mlp(self.feat_dim, proj_hidden_dim or self.feat_dim, proj_dim, num_layers=proj_layers,
-                             bn_hidden=proj_bn)
+        if proj_layers < 0: raise ConfigError(f"proj_layers must be >= 0 (0: no head, 1: linear, 2+: MLP), got {proj_layers}")
+        self.projector = nn.Identity() if proj_layers == 0 else mlp(self.feat_dim, proj_hidden_dim or self.feat_dim, proj_dim,
+                                                                    num_layers=proj_layers, bn_hidden=proj_bn)
 
     def forward(self, views, batch=None, roles=None):
         self._check(views, roles)

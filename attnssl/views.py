@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .core import ConfigError, check_keys
-from .augment import (Augment, byol_augment, crop_resize, light_augment, Normalize, sample_crop_boxes,
+from .augment import (Augment, byol_augment, Composition, crop_resize, light_augment, Normalize, sample_crop_boxes,
                              simclr_augment, to_float)
 from .attention import (AttentionSource, FeatureNormSource, MapCache, build_attention_source, hard_mask,
                                iter_source_maps, normalize_max, postprocess, sanitize_maps, upsample)
@@ -346,7 +346,7 @@ class IntervalViews(ViewGenerator):
         self.base.load_state_dict(state["base"]); self.views.load_state_dict(state["views"])
 
 # %% ../nbs/11_views.ipynb #b7c43895
-VIEWS = ("two_crop", "multi_crop", "attention", "contrastive_crop")
+VIEWS = ("two_crop", "multi_crop", "attention", "contrastive_crop", "composition")
 _COMMON = ("size", "crop_scale", "augment", "track_masks")
 _OPTIONS = {
     "two_crop": _COMMON,
@@ -355,6 +355,7 @@ _OPTIONS = {
                             "fill", "crop", "warmup_epochs", "every"),
     "contrastive_crop": ("size", "crop_scale", "k", "alpha", "warmup_epochs", "refresh_every", "source",
                          "batch_size", "track_masks", "heatmap"),
+    "composition": ("size", "ops", "crop_scale", "track_masks"),
 }
 AUGMENTS = ("simclr", "byol")
 
@@ -381,6 +382,10 @@ def build_views(name: str, dataset, **kw) -> ViewGenerator:
     crop_scale = tuple(kw.pop("crop_scale", (0.2, 1.0)))
     if name == "two_crop":
         return TwoCropViews(_augment_pair(kw.pop("augment", "simclr"), size, crop_scale), normalize, track_masks=track)
+    if name == "composition":   # SimCLR's study: view 0 is the image itself, view 1 gets `ops` in order
+        ops = kw.pop("ops", None)
+        if not ops: raise ConfigError("composition views need ops=[op] or [op1, op2] (names in augment.COMPOSITION_OPS) for the targeted branch")
+        return TwoCropViews((Composition(size), Composition(size, tuple(ops), crop_scale=crop_scale)), normalize, track_masks=track)
     if name == "multi_crop":
         gsize = int(kw.get("global_size") or image_size)
         lsize = int(kw.get("local_size") or max(8, round(gsize * 3 / 7)))

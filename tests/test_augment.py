@@ -338,3 +338,65 @@ def test_colour_ops_match_torchvision_semantics():
     assert torch.allclose(color_jitter(x, fac, order), torch.stack(ref), atol=1e-4)
     # luma weights: kornia 0.299, torchvision 0.2989 for red
     assert torch.allclose(grayscale(x), F.rgb_to_grayscale(x, num_output_channels=3), atol=5e-4)
+
+# --- SimCLR's composition study: extra ops and the one-branch Composition -------------------------------
+from attnssl.augment import COMPOSITION_OPS, Composition, cutout, gaussian_noise, rotate90, sample_cutout_boxes, sobel
+
+def test_gaussian_noise_statistics_and_range():
+    torch.manual_seed(0)
+    x = torch.full((3, 3, 64, 64), 0.5)
+    out = gaussian_noise(x, torch.tensor([0.0, 0.05, 0.1]))
+    assert torch.equal(out[0], x[0])
+    for i, s in [(1, 0.05), (2, 0.1)]: assert abs(float((out[i] - 0.5).std()) - s) < 0.01
+    assert float(gaussian_noise(torch.ones(1, 3, 8, 8), torch.tensor([1.0])).max()) <= 1.0
+
+def test_cutout_paints_exactly_the_box_against_a_loop():
+    torch.manual_seed(1)
+    x = torch.rand(4, 3, 10, 12)
+    boxes = sample_cutout_boxes(4, 10, 12, side=(0.3, 0.6))
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 12).all() and (boxes[:, 3] <= 10).all()
+    assert torch.allclose(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])       # squares
+    out = cutout(x, boxes, fill=0.25)
+    ref = x.clone()
+    for b, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        for i in range(10):
+            for j in range(12):
+                if x0 <= j + 0.5 < x1 and y0 <= i + 0.5 < y1: ref[b, :, i, j] = 0.25
+    assert torch.equal(out, ref)
+    with pytest.raises(ConfigError, match="side"): sample_cutout_boxes(2, 8, 8, side=(0.5, 1.5))
+
+def test_rotate90_matches_rot90_per_sample():
+    x = torch.rand(5, 3, 6, 6)
+    k = torch.tensor([0, 1, 2, 3, 5])
+    out = rotate90(x, k)
+    for i in range(5): assert torch.equal(out[i], torch.rot90(x[i], int(k[i]) % 4, dims=(-2, -1)))
+    with pytest.raises(ConfigError, match="square"): rotate90(torch.rand(1, 3, 4, 6), torch.tensor([1]))
+
+def test_sobel_edges_flat_and_range():
+    x = torch.zeros(1, 3, 8, 8); x[..., 4:] = 1.0                     # one vertical edge
+    s = sobel(x)
+    assert s.shape == x.shape and float(s.max()) == pytest.approx(1.0) and float(s.min()) >= 0
+    assert float(s[0, 0, :, 3:5].min()) > 0.4 and float(s[0, 0, :, :2].max()) < 1e-3    # on the edge / far from it
+    assert float(sobel(torch.full((2, 3, 8, 8), 0.7)).max()) < 1e-3
+
+def test_composition_ops_identity_order_and_validation():
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    v, m = Composition(16)(x)
+    assert torch.equal(v, to_float(x)) and m is None
+    for op in COMPOSITION_OPS:
+        out, _ = Composition(16, (op,))(x)
+        assert out.shape == (4, 3, 16, 16) and 0 <= float(out.min()) and float(out.max()) <= 1, op
+    with pytest.raises(ConfigError, match="valid ops"): Composition(16, ("crop", "jpeg"))
+    # order matters: greyscale then noise has coloured noise; noise then greyscale does not
+    torch.manual_seed(0); a, _ = Composition(16, ("greyscale", "noise"))(x)
+    torch.manual_seed(0); b, _ = Composition(16, ("noise", "greyscale"))(x)
+    assert not torch.equal(a[:, 0], a[:, 1]) and torch.equal(b[:, 0], b[:, 1])
+
+def test_composition_geometry_moves_maps_colour_does_not():
+    torch.manual_seed(2)
+    content = torch.rand(6, 3, 16, 16)
+    v, m = Composition(16, ("crop", "rotate"))(content, content.clone())
+    assert torch.allclose(v, m, atol=1e-6)
+    masks = torch.rand(6, 1, 8, 8)
+    _, m2 = Composition(16, ("colour", "noise", "cutout", "blur", "sobel", "greyscale"))(content, masks)
+    assert torch.allclose(m2, torch.nn.functional.interpolate(masks, size=16, mode="bilinear", align_corners=False), atol=1e-5)

@@ -295,3 +295,22 @@ def test_check_config_names_the_fix_before_anything_trains(tmp_path):
     with pytest.raises(ConfigError, match="temprature"):   # the bad arm is last: nothing trains
         run_grid(base, {"ok": {}, "typo": {"method.temprature": 0.2}}, root=tmp_path, log=calls.append)
     assert calls == [] and not any(tmp_path.iterdir())
+
+def test_projection_probe_on_z_no_head_equals_h_and_is_cached(tmp_path):
+    "S2's probe on z: with no head (proj_layers=0) z is h, so both probes agree; the probe is cached, the run untouched."
+    from attnssl.experiments import load_method, make_config, override, projection_probe_run, run_pretrain
+    tiny = make_config(num_images=32, num_test_images=16, width=2, epochs=1, batch_size=16, linear_epochs=1, num_val_images=8)
+    res = run_pretrain(override(tiny, {"method.proj_layers": 0}), root=tmp_path)
+    z = projection_probe_run(res, root=tmp_path)
+    assert not z["cached"] and z["dim"] == 8 * 2    # ResNet-18 width 2: h has 16 dimensions
+    assert (z["knn_top1"], z["linear_top1"], z["val_knn_top1"]) == (res["knn_top1"], res["linear_top1"], res["val_knn_top1"])
+    assert projection_probe_run(res, root=tmp_path)["cached"]
+    lin = run_pretrain(override(tiny, {"method.proj_layers": 1, "method.proj_dim": 24}), root=tmp_path)
+    assert projection_probe_run(lin, root=tmp_path)["dim"] == 24
+    m = load_method(lin)
+    assert not m.training and isinstance(m.projector[0], torch.nn.Linear) and len(m.projector) == 1
+
+def test_simclr_studies_keep_existing_cache_keys():
+    "The head study (proj_layers=0), composition views and the z probe add values, not sections: old keys hold."
+    from attnssl.experiments import DEFAULT_CONFIG, config_key, make_config
+    assert config_key(DEFAULT_CONFIG) == "a4aeea85e75c4890" and config_key(make_config(recipe="cpu")) == "0b8e1d7e85f19306"

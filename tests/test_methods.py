@@ -338,3 +338,20 @@ def test_register_method_makes_a_method_buildable_by_name():
         with pytest.raises(ConfigError, match="taken"): register_method("simclr")(Renamed)
         with pytest.raises(ConfigError, match="Method subclass"): register_method("x")(int)
     finally: METHODS.pop("renamed", None)
+
+
+def test_simclr_head_none_linear_nonlinear():
+    "SimCLR's head study: proj_layers=0 is the identity (NT-Xent on h), 1 one linear layer, 2 the MLP; < 0 is an error."
+    from attnssl.losses import nt_xent
+    from attnssl.methods import SimCLR
+    from attnssl.models import build_backbone
+    torch.manual_seed(0)
+    views = [torch.randn(6, 3, 16, 16) for _ in range(2)]
+    none = SimCLR(build_backbone("resnet18", width=2), proj_layers=0)
+    out = none(views)
+    h = [none.backbone(v) for v in views]
+    assert isinstance(none.projector, torch.nn.Identity) and torch.equal(out["z"][0], h[0])
+    assert torch.allclose(out["loss"], nt_xent(h[0], h[1], 0.5), atol=1e-6)
+    lin = SimCLR(build_backbone("resnet18", width=2), proj_layers=1, proj_dim=12)
+    assert [type(m) for m in lin.projector] == [torch.nn.Linear] and lin(views)["z"][0].shape == (6, 12)
+    with pytest.raises(ConfigError, match="proj_layers"): SimCLR(build_backbone("resnet18", width=2), proj_layers=-1)

@@ -274,7 +274,7 @@ def test_state_dict_round_trip(tmp_path):
 def test_registry_builds_every_generator_and_rejects_bad_names():
     ds = _dataset()
     for name in VIEWS:
-        kw = {"source": "ground_truth"} if name == "attention" else {}
+        kw = {"attention": {"source": "ground_truth"}, "composition": {"ops": ["crop"]}}.get(name, {})
         gen = build_views(name, ds, **kw)
         gen.on_epoch_start(0)
         views = gen(_batch(ds), 0)
@@ -372,3 +372,34 @@ def test_build_views_names_the_fix_for_a_source_that_needs_a_dataset():
         build_views("attention", _dataset(), source="vit")
     with pytest.raises(ConfigError, match=r"'feature_norm' needs encoder="):
         build_views("contrastive_crop", _dataset(), source="feature_norm")
+
+
+def test_composition_views_one_branch_only():
+    "SimCLR's study: view 0 is the image itself, view 1 gets the ops in order; masks follow view 1's geometry."
+    from attnssl.augment import Composition, to_float
+    ds = _dataset(size=16)
+    b = _batch(ds)
+    gen = build_views("composition", ds, ops=["crop", "colour"])
+    assert isinstance(gen.augs[1], Composition) and gen.augs[1].ops == ("crop", "colour") and gen.augs[0].ops == ()
+    torch.manual_seed(0)
+    (v0, v1), (m0, m1) = gen.generate(b)
+    assert torch.allclose(gen.normalize.inverse(v0), to_float(b["image"]), atol=1e-5)
+    assert torch.equal(m0, b["mask"].float()) and m1.shape == m0.shape and not torch.equal(m1, m0)
+    assert gen.view_roles() == ("augmented", "augmented")
+
+def test_composition_views_pixel_ops_keep_the_mask_and_validate():
+    ds = _dataset(size=16)
+    b = _batch(ds)
+    (_, v1), (m0, m1) = build_views("composition", ds, ops=["noise", "cutout"]).generate(b)
+    assert torch.equal(m1, m0)                                   # no geometry: the object stays where it was
+    with pytest.raises(ConfigError, match="ops="): build_views("composition", ds)
+    with pytest.raises(ConfigError, match="valid ops"): build_views("composition", ds, ops=["crop", "jpeg"])
+    with pytest.raises(ConfigError, match="composition option"): build_views("composition", ds, ops=["crop"], mode="soft")
+
+def test_composition_views_train_one_step_from_a_config(tmp_path):
+    "A run config with views {'name': 'composition', 'ops': [...]} trains (the config path of template S1)."
+    from attnssl import experiments as ex
+    cfg = ex.make_config(num_images=32, num_test_images=16, width=2, batch_size=16, linear=False,
+                         views={"name": "composition", "ops": ["crop", "colour"]})
+    res = ex.run_pretrain(cfg, root=tmp_path)
+    assert res["knn_top1"] >= 0 and res["config"]["views"] == {"name": "composition", "ops": ["crop", "colour"]}
