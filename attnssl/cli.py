@@ -6,7 +6,7 @@ Docs: https://attnssl.github.io/attnssl/cli.html.md"""
 
 # %% ../nbs/15_cli.ipynb #e30fa6ca
 from __future__ import annotations
-import argparse, ast, dataclasses, hashlib, json, os, re, sys, time, warnings
+import argparse, ast, dataclasses, hashlib, json, logging, os, re, sys, time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -160,6 +160,12 @@ def progress_line(exp_id: str, out_dir: str | os.PathLike) -> str | None:
     where = "finished" if (run/"result.json").exists() else f"epoch {epochs}/{st.get('epochs', '?')}"
     return f"  {exp_id}: {st.get('grid') or 'grid'} run {st['done'] + 1}/{st['total']} ({st['run']}), {where}"
 
+class _SharedParamsFilter(logging.Filter):
+    "Shared parameters are not declared in a template's cell, by design (`plan` has validated every one): papermill need not say so."
+    def filter(self, record): return not record.getMessage().startswith("Passed unknown parameter")
+
+logging.getLogger("papermill").addFilter(_SharedParamsFilter())
+
 def execute_template(nb: str | os.PathLike, out_dir: str | os.PathLike, params: dict, meta: dict,
                      runs_root: str | None = None, threads: int | None = None, tensorboard: bool = False) -> dict:
     """Execute one template with papermill into `out_dir`, write its `meta.json` (`meta` plus status, error,
@@ -173,11 +179,9 @@ def execute_template(nb: str | os.PathLike, out_dir: str | os.PathLike, params: 
         with _env(ATTNSSL_RUNS=str(Path(runs_root).expanduser().resolve()) if runs_root else None,
                   OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, ATTNSSL_PROGRESS=str(d/PROGRESS_FILE),
                   ATTNSSL_TENSORBOARD="1" if tensorboard else None):
-            with warnings.catch_warnings():   # shared parameters are not declared in the template's cell, by design
-                warnings.filterwarnings("ignore", message="Passed unknown parameter")
-                pm.execute_notebook(str(nb), str(d/nb.name), parameters=params, kernel_name="python3",
-                                    progress_bar=False, cwd=str(d), log_output=False,
-                                    extra_arguments=["--IPKernelApp.log_level=ERROR"])   # no transport warning per kernel
+            pm.execute_notebook(str(nb), str(d/nb.name), parameters=params, kernel_name="python3",
+                                progress_bar=False, cwd=str(d), log_output=False,
+                                extra_arguments=["--IPKernelApp.log_level=ERROR"])   # no transport warning per kernel
     except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
         status, error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     (d/PROGRESS_FILE).unlink(missing_ok=True)

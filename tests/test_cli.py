@@ -176,3 +176,12 @@ def test_progress_of_a_template_from_its_kernel(tmp_path, monkeypatch):
     assert progress_line("E3", out) == "  E3: E3 run 5/36 (byol / A seed 1), epoch 2/15"
     (run/"result.json").write_text("{}")
     assert progress_line("E3", out).endswith("finished")
+
+
+def test_papermill_is_quiet_about_the_shared_parameters(caplog):
+    "Templates take the shared parameters without declaring them: papermill's 'unknown parameter' warning is dropped, nothing else."
+    import logging
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        logging.getLogger("papermill").warning("Passed unknown parameter: width")
+        logging.getLogger("papermill").warning("Input notebook does not contain a cell with tag 'parameters'")
+    assert [r.getMessage() for r in caplog.records] == ["Input notebook does not contain a cell with tag 'parameters'"]
