@@ -16,7 +16,7 @@ from .core import ConfigError, atomic_write_bytes, atomic_write_json, atomic_wri
 # %% auto #0
 __all__ = ['COLLAPSE_S_NEG', 'COLLAPSE_S_GAP', 'COLLAPSE_UNIFORMITY', 'COLLAPSE_KNN_MARGIN', 'COLLAPSE_FLAGS', 'STUDY_FAMILIES',
            'mean_std', 'fmt_mean_std', 't_quantile_975', 'ci95', 'fmt_ci95', 'collapse_flags', 'Table', 'summarize',
-           'pivot', 'runs_frame', 'paired_verdict', 'claim', 'verdict_table', 'write_table', 'save_figure',
+           'pivot', 'runs_frame', 'paired_verdict', 'claim', 'verdict_table', 'reading', 'write_table', 'save_figure',
            'plot_curves', 'image_grid', 'embedding_plot', 'render_attention', 'write_meta', 'read_meta',
            'experiment_sort_key', 'build_index', 'write_index']
 
@@ -247,6 +247,18 @@ def verdict_table(claims: list[dict], digits: int = 1, scale: float = 1.0, capti
                     "analysis": analysis, "seeds": " ".join(str(s) for s in c["seeds"])})
     return Table(disp, caption=caption, raw=raw)
 
+
+# %% ../nbs/14_reports.ipynb #41bca6eb
+def reading(claims: list[dict], digits: int = 1, scale: float = 1.0) -> str:
+    "Markdown lines stating each claim's verdict with its paired interval (primary claims first, marked)."
+    def line(c):
+        head = "**primary**" if c.get("primary") else "exploratory"
+        if c["n"] >= 2:
+            f = lambda x: f"{x * scale:+.{digits}f}"
+            detail = f"mean difference {f(c['mean_diff'])}, 95% CI [{f(c['ci_low'])}, {f(c['ci_high'])}] over {c['n']} seeds"
+        else: detail = f"{c['n']} seed(s); a verdict needs 3"
+        return f"- {head} — {c['claim']} ({c.get('metric', '–')}): **{c['verdict']}**, {detail}."
+    return "\n".join(line(c) for c in sorted(claims, key=lambda c: not c.get("primary")))
 
 # %% ../nbs/14_reports.ipynb #ab8aab9e
 def write_table(table: Table, out_dir: str | os.PathLike, name: str) -> dict:
