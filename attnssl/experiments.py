@@ -327,7 +327,7 @@ def pretrain(config: dict, directory: Path) -> dict:
     sets = build_datasets(cfg)
     backbone = build_backbone_from(cfg)
     m = dict(cfg["method"])
-    if m["name"] == "memory_bank": m.setdefault("num_samples", len(sets["ssl"]))  # one bank slot per SSL image
+    if "num_samples" in methods.method_hparams(m["name"]): m.setdefault("num_samples", len(sets["ssl"]))  # one bank slot per SSL image (memory bank, PIRL)
     method = methods.build_method(m.pop("name"), backbone, **m)
     views = build_view_generator(cfg, sets["ssl"], device)
     al = dict(cfg["align"])
