@@ -234,3 +234,27 @@ def test_pretext_methods_train_by_name_through_run_pretrain(name, tmp_path):
                       width=2, linear=False, device="cpu")
     res = run_pretrain(cfg, root=tmp_path)
     assert res["config"]["method"]["name"] == name and 0 <= res["knn_top1"] <= 100
+
+
+# --- per-stage linear probes (template T1) -----------------------------------------------------------------------
+def test_linear_stages_leave_existing_cache_keys_unchanged():
+    from attnssl.experiments import config_key, make_config, override
+    base = make_config(method="simclr", num_images=64)
+    assert config_key({}) == "a4aeea85e75c4890" and config_key(base) == "a79fef29ee3c30f5"   # keys before linear_stages existed
+    assert config_key(override(base, {"eval.linear_stages": []})) == config_key(base)
+    assert config_key(override(base, {"eval.linear_stages": [1, 2, 3, 4]})) != config_key(base)
+
+
+def test_stage_encoder_probes_each_stage(tmp_path):
+    from attnssl.evaluate import StageEncoder
+    from attnssl.experiments import make_config, override, run_grid
+    bb = build_backbone("resnet18", width=2, stem="small").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(StageEncoder(bb, 4)(x), bb(x), atol=1e-6)
+        assert [StageEncoder(bb, k)(x).shape[1] for k in (1, 2, 3, 4)] == [2, 4, 8, 16]
+    with pytest.raises(ConfigError, match="stage"): StageEncoder(bb, 5)
+    cfg = override(make_config(method="rotnet", num_images=32, num_test_images=16, epochs=1, batch_size=16, width=2,
+                               linear_epochs=1, device="cpu"), {"eval.linear_stages": [2, 4]})
+    row = run_grid(cfg, {"rotnet": {}}, seeds=1, root=tmp_path, log=None)[0]
+    assert {"linear_top1_stage2", "linear_top1_stage4"} <= set(row) and "linear_top1_stage1" not in row
