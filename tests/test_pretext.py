@@ -258,3 +258,23 @@ def test_stage_encoder_probes_each_stage(tmp_path):
                                linear_epochs=1, device="cpu"), {"eval.linear_stages": [2, 4]})
     row = run_grid(cfg, {"rotnet": {}}, seeds=1, root=tmp_path, log=None)[0]
     assert {"linear_top1_stage2", "linear_top1_stage4"} <= set(row) and "linear_top1_stage1" not in row
+
+
+def test_t1_small_sizes_do_not_leak_into_larger_profiles():
+    "small's T1 section is inherited by profiles that extend it: each resets the sizes to its own defaults."
+    from attnssl.cli import profile_parameters
+    small, medium, paper, dry = (profile_parameters(p)["T1"] for p in ("small", "medium", "paper", "paper-dry-run"))
+    assert small["epochs"] == 4 and small["seeds"] == 3
+    assert medium["epochs"] == profile_parameters("medium")["E2"]["epochs"] and medium["num_images"] == 4096
+    assert paper["epochs"] == 500 and paper["num_images"] is None and paper["linear_epochs"] == 100
+    assert dry["epochs"] == 1 and dry["seeds"] == 1 and dry["num_images"] is None
+
+
+def test_a_redefined_method_class_replaces_itself():
+    "Re-running a notebook cell that defines and registers a method (same class name) is no name clash."
+    from attnssl.methods import register_method
+    again = type("RotNet", (RotNet,), {})
+    try:
+        assert register_method("rotnet")(again) is again and METHODS["rotnet"] is again
+        with pytest.raises(ConfigError, match="taken"): register_method("jigsaw")(again)
+    finally: METHODS["rotnet"] = RotNet
