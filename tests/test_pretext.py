@@ -90,8 +90,6 @@ def test_jigsaw_tiles_follow_the_permutation_of_their_label(gap):
     grid, size = 3, 32
     cell = size // grid
     perms = hamming_permutations(10)
-    # pixel value = its cell's number; the 2 px left over (random grid origin) get -1
-    x = torch.full((5, 2, size, size), -1.0)
     labels = torch.tensor([0, 3, 9, 3, 1])
     tiles = jigsaw_tiles(torch.zeros(5, 2, size, size), perms, labels, grid, gap)
     assert tiles.shape == (5, 9, 2, cell - gap, cell - gap)
@@ -104,8 +102,8 @@ def test_jigsaw_tiles_follow_the_permutation_of_their_label(gap):
         t = jigsaw_tiles(x, perms, labels, grid, gap, generator=torch.Generator().manual_seed(oy))
         shown = t.flatten(2)
         ok = (shown == shown[..., :1]).all(-1)                 # a tile inside one cell is constant
-        if ok.all():
-            assert torch.equal(shown[..., 0].long(), perms[labels])
+        assert torch.equal(shown[..., 0].long()[ok], perms[labels][ok])   # a tile wholly inside one cell shows that cell
+        assert ok.float().mean() > 0.5
     with pytest.raises(ConfigError, match="tiles"): jigsaw_tiles(torch.zeros(1, 3, 4, 4), perms, labels[:1], 3, 0)
 
 
