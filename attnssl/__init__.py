@@ -7,6 +7,7 @@ Modules:
 - `attnssl.datasets`: One item format for every dataset, a fast in-memory `TensorDataset`, a deterministic sharded loader, and loaders for the official files of STL-10, CIFAR-10/100, Tiny ImageNet, Fashion-MNIST and any image folder.
 - `attnssl.methods`: SimCLR, MoCo v1/v2, BYOL, SimSiam, NNCLR, DINO and an InstDisc memory bank behind one interface: `method(views, batch, roles) -> dict(loss, z, h0, p_pos, s_pos, s_neg)`.
 - `attnssl.models`: Backbones (ResNet-18/50 with a small-image stem and a width knob; timm ViTs at any resolution), MLP heads, and the EMA helper that momentum encoders share.
+- `attnssl.pretext`: RotNet, Jigsaw, the context encoder and PIRL as `Method`s: each builds its own labels or targets from the views a view generator gives, and trains through the same trainer and run cache as the contrastive methods.
 - `attnssl.synthetic`: Procedurally generated object-on-clutter images with ten shape classes, ground-truth masks and boxes: deterministic, vectorised, cached, no download."""
 
 __version__ = "0.1.0"
@@ -16,3 +17,5 @@ __version__ = "0.1.0"
 # starts, makes `get_dataset("clutter")` work whichever attnssl module is imported first, with no module
 # importing one above it. (This line is kept by hand below the docstring that nbdev-export writes.)
 from . import synthetic as _synthetic  # noqa: E402,F401
+# Likewise `pretext` registers RotNet, Jigsaw, the context encoder and PIRL with `methods.register_method`.
+from . import pretext as _pretext  # noqa: E402,F401

@@ -21,7 +21,7 @@ from .distributed import gather_rows, rank_block
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'dataset_labels', 'extract_features', 'knn_classify', 'linear_accuracy', 'train_linear', 'OnlineProbe',
-           'rrc_flip', 'linear_eval', 'stratified_subset', 'finetune', 'tsne_embed']
+           'rrc_flip', 'linear_eval', 'StageEncoder', 'stratified_subset', 'finetune', 'tsne_embed']
 
 # %% ../nbs/09_evaluate.ipynb #54e404a0
 def dataset_labels(dataset) -> torch.Tensor:
@@ -256,6 +256,18 @@ def _linear_eval_paper(enc, mod, train_set, test_set, C, hp, device, seed, fbs, 
         if mod is not None: mod.train(was)
     head.eval()
     return linear_accuracy(lambda f: head(f.to(device)), fte, yte)
+
+# %% ../nbs/09_evaluate.ipynb #94ad8811
+class StageEncoder(nn.Module):
+    "Frozen features after ResNet stage `stage` (1..4), average-pooled: (B, channels of that stage)."
+    def __init__(self, backbone: nn.Module, stage: int):
+        super().__init__()
+        if not hasattr(backbone, "stage_maps"):
+            raise ConfigError(f"per-stage features need a ResNet backbone (with `stage_maps`), got {type(backbone).__name__}")
+        if not 1 <= stage <= 4: raise ConfigError(f"a ResNet has stages 1 to 4, got stage={stage}")
+        self.backbone, self.stage = backbone, stage
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.stage_maps(x, upto=self.stage)[-1].mean(dim=(2, 3))
 
 # %% ../nbs/09_evaluate.ipynb #65b3c59f
 def stratified_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:

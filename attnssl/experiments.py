@@ -96,6 +96,7 @@ def canonical_config(config: dict) -> dict:
     if not isinstance(out["seed"], int): raise ConfigError(f"seed must be an int, got {out['seed']!r}")
     # one training, one key: options that change nothing are dropped
     if not out["align"].get("lam"): out["align"] = {"lam": 0.0}   # no align term
+    if not out["eval"].get("linear_stages"): out["eval"].pop("linear_stages", None)   # no per-stage probe
     if out["views"].get("name") == "attention" and out["views"].get("mode") == "full":   # no mask: no source, no map options
         out["views"] = {k: v for k, v in out["views"].items() if k not in ("source", "s", "gamma", "beta", "t", "fill")}
     if runtime: out["runtime"] = _plain(runtime)
@@ -355,7 +356,7 @@ def pretrain(config: dict, directory: Path) -> dict:
     sets = build_datasets(cfg)
     backbone = build_backbone_from(cfg)
     m = dict(cfg["method"])
-    if m["name"] == "memory_bank": m.setdefault("num_samples", len(sets["ssl"]))  # one bank slot per SSL image
+    if "num_samples" in methods.method_hparams(m["name"]): m.setdefault("num_samples", len(sets["ssl"]))  # one bank slot per SSL image (memory bank, PIRL)
     method = methods.build_method(m.pop("name"), backbone, **m)
     views = build_view_generator(cfg, sets["ssl"], device)
     al = dict(cfg["align"])
@@ -413,7 +414,8 @@ def build_view_generator(cfg: dict, ssl_set, device):
     return V.build_views(name, ssl_set, **v)
 
 def evaluate_encoder(backbone, sets: dict, ev: dict, device, seed: int = 0) -> dict:
-    "kNN and linear-probe top-1 of a frozen backbone on the test split (and kNN on val, when there is one)."
+    """kNN and linear-probe top-1 of a frozen backbone on the test split (and kNN on val, when there is one);
+    with `eval.linear_stages` (e.g. [1, 2, 3, 4]) also a linear probe per ResNet stage, `linear_top1_stage<k>`."""
     from attnssl import evaluate as E
     out, backbone = {}, backbone.to(device).eval()
     knn = lambda tr, split: float(E.knn_classify(*tr, *E.extract_features(backbone, split, device=device),
@@ -427,6 +429,10 @@ def evaluate_encoder(backbone, sets: dict, ev: dict, device, seed: int = 0) -> d
         r = E.linear_eval(backbone, sets["train"], sets["test"], protocol=ev.get("linear_protocol", "cpu"),
                           epochs=ev.get("linear_epochs"), seed=seed, device=device)
         out["linear_top1"] = float(r["top1"])
+    for k in ev.get("linear_stages") or ():
+        r = E.linear_eval(E.StageEncoder(backbone, int(k)), sets["train"], sets["test"], protocol=ev.get("linear_protocol", "cpu"),
+                          epochs=ev.get("linear_epochs"), seed=seed, device=device)
+        out[f"linear_top1_stage{int(k)}"] = float(r["top1"])
     return out
 
 def run_pretrain(config: dict, root=None, wait: bool = True, log: Callable | None = None) -> dict:
@@ -645,7 +651,7 @@ def run_grid(base: dict, arms: dict[str, dict], seeds: int | Iterable[int] = 1, 
             if log: log(f"{tag + ' ' if tag else ''}{arm} seed {s}: {'cached' if res.get('cached') else 'trained'} "
                         f"({res.get('key', '')}) in {time.time() - t0:.1f}s")
             rows.append({**_last_epoch(res), "arm": arm, "seed": s, "key": res.get("key"), "cached": res.get("cached"),
-                         **{k: res[k] for k in ("knn_top1", "val_knn_top1", "linear_top1") if k in res},
+                         **{k: res[k] for k in res if k in ("knn_top1", "val_knn_top1", "linear_top1") or k.startswith("linear_top1_stage")},
                          "cost": res.get("cost"), "result": res})
     return rows
 
@@ -728,7 +734,7 @@ def reference_rows(base: dict, seeds: int | Iterable[int] = 1, kinds: Sequence[s
         for s in seeds:
             res = reference_run(override(base, {"seed": s}), kind, root=root)
             rows.append({"arm": kind, "seed": s, "reference": True, "key": res.get("key"), "cached": res.get("cached"), "cost": res.get("cost"),
-                         **{k: res[k] for k in ("knn_top1", "val_knn_top1", "linear_top1", "classifier_top1") if k in res}})
+                         **{k: res[k] for k in res if k in ("knn_top1", "val_knn_top1", "linear_top1", "classifier_top1") or k.startswith("linear_top1_stage")}})
     n = getattr(build_datasets(base)["test"], "num_classes", 0)
     if n: rows.append({"arm": "chance", "seed": 0, "reference": True, "knn_top1": 100 / n, "linear_top1": 100 / n, "val_knn_top1": 100 / n})
     return rows

@@ -476,7 +476,8 @@ def register_method(name: str):
     def deco(cls):
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise ConfigError(f"register_method({name!r}) takes a Method subclass, got {cls!r}")
-        if METHODS.get(name, cls) is not cls:
+        # the same class defined again (a notebook cell re-run, a module reloaded) replaces itself; another class may not
+        if METHODS.get(name, cls).__qualname__ != cls.__qualname__:
             raise ConfigError(f"method name {name!r} is taken by {METHODS[name].__name__}; choose another name")
         METHODS[name] = cls
         return cls

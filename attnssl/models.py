@@ -99,6 +99,14 @@ class ResNet(nn.Module):
         pooled = fmap.mean(dim=(2, 3))
         return (pooled, fmap) if return_map else pooled
 
+    def stage_maps(self, x: torch.Tensor, upto: int = 4) -> list[torch.Tensor]:
+        "Feature maps after stages 1..`upto` (layer1..layer4): what a per-stage probe reads."
+        if not 1 <= upto <= 4: raise ConfigError(f"a ResNet has stages 1 to 4, got upto={upto}")
+        out, h = [], self.stem(x)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[:upto]:
+            h = layer(h); out.append(h)
+        return out
+
     def extra_repr(self) -> str:
         return f"depth={self.depth}, width={self.width}, stem={self.stem_kind!r}, last_stride={self.last_stride}"
 
