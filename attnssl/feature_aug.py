@@ -41,7 +41,8 @@ def _rand(fn, shape, like: Tensor, generator=None) -> Tensor:
 
 def fa_nearest(z: Tensor, support: Tensor, rank: int = 0) -> Tensor:
     """The `rank`-th cosine nearest neighbour (0: the nearest, `losses.nearest_neighbour`) of each row of `z`
-    among the rows of `support`, at the norm of that row. A constant: no gradient reaches `z` (as in NNCLR)."""
+    among the rows of `support`, at the norm of that row. The neighbour is a constant; its gradient is passed
+    straight through to `z` (ours: so that nn trains the encoder as the other operators do)."""
     _check_z(z); _check_z(support, "support")
     if not 0 <= rank < len(support):
         raise ConfigError(f"nearest-neighbour rank {rank} needs a support set of more than {rank} rows, got {len(support)}; "
@@ -51,7 +52,8 @@ def fa_nearest(z: Tensor, support: Tensor, rank: int = 0) -> Tensor:
         with torch.no_grad():
             s = F.normalize(support.detach(), dim=1)
             nb = s[(F.normalize(z.detach(), dim=1) @ s.T).topk(rank + 1, dim=1).indices[:, rank]]
-    return nb.to(z.dtype) * z.detach().norm(dim=1, keepdim=True)
+    nb = nb.to(z.dtype) * z.detach().norm(dim=1, keepdim=True)
+    return z + (nb - z).detach()   # value: the neighbour; gradient: the identity
 
 def fa_mask(z: Tensor, p: float = 0.2, generator: torch.Generator | None = None) -> Tensor:
     "Feature dropout: each coordinate zeroed with probability `p`, the kept ones scaled by 1/(1-p) (the mean is kept)."
@@ -218,6 +220,7 @@ def fa_section(section: dict | None) -> dict | None:
     out = {**FA_DEFAULTS, **section}
     if out["op"] not in FA_OPERATORS: raise ConfigError(f"feature_aug op={out['op']!r}; valid operators are: {', '.join(FA_OPERATORS)}")
     if out["strength"] is None: out["strength"] = DEFAULT_STRENGTH[out["op"]]   # one training, one key
+    if out["samples"] == 1: out["loss"] = "mean"                                # one sample: mean = sum
     return out
 
 def with_feature_aug(method: Method, **options) -> WithFeatureAug:

@@ -26,7 +26,7 @@ VIEWS = [torch.randn(6, 3, 16, 16, generator=gen(s)) for s in (1, 2)]
 def test_feature_aug_nearest_is_the_ranked_neighbour_at_the_feature_norm():
     support = torch.randn(40, 16, generator=gen(1))
     nb0, _ = nearest_neighbour(Z, support)
-    assert torch.allclose(fa_nearest(Z, support), nb0 * Z.norm(dim=1, keepdim=True))
+    assert torch.allclose(fa_nearest(Z, support), nb0 * Z.norm(dim=1, keepdim=True), atol=1e-5)
     for rank in (1, 3):
         got = fa_nearest(Z[:20], support, rank)
         for b in range(20):   # naive: sort the support by cosine, take position `rank`
@@ -34,7 +34,8 @@ def test_feature_aug_nearest_is_the_ranked_neighbour_at_the_feature_norm():
             want = F.normalize(support[sorted(range(40), key=lambda k: -cos[k])[rank]], dim=0) * Z[b].norm()
             assert torch.allclose(got[b], want, atol=1e-5)
     z = Z[:8].clone().requires_grad_()
-    assert not fa_nearest(z, support).requires_grad          # a constant, as in NNCLR
+    (fa_nearest(z, support) * torch.arange(16.)).sum().backward()
+    assert torch.equal(z.grad, torch.arange(16.).expand(8, 16))   # straight through: the gradient of z itself
     with pytest.raises(ConfigError, match="queue_size"): fa_nearest(Z, support[:2], rank=2)
 
 def test_feature_aug_mask_drops_p_and_keeps_the_mean():
