@@ -158,8 +158,7 @@ class Method(nn.Module):
         `target` {view: what the online input is pulled to}, `pairs` ((online view, target view), ...), and `z`,
         `h0`, `temperature` for the diagnostics. Methods that define it compute `forward` as
         `finish(li, method_loss(li))`, so a wrapper that calls it trains the very same method."""
-        raise NotImplementedError(f"{self.name} does not expose loss_inputs; the methods that do: "
-                                  f"{', '.join(n for n, c in METHODS.items() if c.pair_loss is not Method.pair_loss)}")
+        raise NotImplementedError(f"{self.name} does not expose loss_inputs (SimCLR, MoCo, BYOL and SimSiam do)")
 
     def pair_loss(self, online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         "The method's loss on one (online, target) pair of (B, D) batches (its scale included)."
