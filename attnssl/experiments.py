@@ -30,7 +30,7 @@ __all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'EVAL_
            'curves']
 
 # %% ../nbs/13_experiments.ipynb #dc0ed44f
-SECTIONS = ("dataset", "backbone", "method", "views", "align", "train", "eval", "seed")
+SECTIONS = ("dataset", "backbone", "method", "views", "align", "feature_aug", "train", "eval", "seed")
 RUNTIME_KEYS = ("device", "data_root", "progress", "num_workers", "download", "tensorboard")
 CACHE_VERSION = 3  # bump on ANY change in what training or evaluation does: a stale run is never reused
 # v2: validation split carved from eval-train (kNN monitor on it), ResNet `stem`/`last_stride`, recipes, view roles
@@ -97,6 +97,8 @@ def canonical_config(config: dict) -> dict:
     # one training, one key: options that change nothing are dropped
     if not out["align"].get("lam"): out["align"] = {"lam": 0.0}   # no align term
     if not out["eval"].get("linear_stages"): out["eval"].pop("linear_stages", None)   # no per-stage probe
+    from attnssl.feature_aug import fa_section   # no feature augmentation: no section, so the run keeps its key
+    if (fa := fa_section(out.pop("feature_aug"))) is not None: out["feature_aug"] = fa
     if out["views"].get("name") == "attention" and out["views"].get("mode") == "full":   # no mask: no source, no map options
         out["views"] = {k: v for k, v in out["views"].items() if k not in ("source", "s", "gamma", "beta", "t", "fill")}
     if runtime: out["runtime"] = _plain(runtime)
@@ -359,6 +361,9 @@ def pretrain(config: dict, directory: Path) -> dict:
     if "num_samples" in methods.method_hparams(m["name"]): m.setdefault("num_samples", len(sets["ssl"]))  # one bank slot per SSL image (memory bank, PIRL)
     method = methods.build_method(m.pop("name"), backbone, **m)
     views = build_view_generator(cfg, sets["ssl"], device)
+    if cfg.get("feature_aug"):   # before align: it needs the method's own loss inputs, align only the projections
+        from attnssl.feature_aug import with_feature_aug
+        method = with_feature_aug(method, **cfg["feature_aug"])
     al = dict(cfg["align"])
     if al.get("lam", 0):
         from attnssl.align import with_align

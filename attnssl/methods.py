@@ -150,6 +150,28 @@ class Method(nn.Module):
         if schedule not in MOMENTUM_SCHEDULES:
             raise ConfigError(f"unknown momentum_schedule {schedule!r}; valid schedules are: {', '.join(MOMENTUM_SCHEDULES)}")
 
+    # -- the loss hook: wrappers (feature augmentation) add terms built from the method's own loss inputs ---
+    def loss_inputs(self, views: Sequence[torch.Tensor], batch: dict | None = None,
+                    roles: Sequence[str] | None = None) -> dict:
+        """The tensors the method's loss is computed from, one forward pass: `online` {view: the online loss
+        input (the projection, or the prediction where there is a predictor)}, `proj` {view: online projection},
+        `target` {view: what the online input is pulled to}, `pairs` ((online view, target view), ...), and `z`,
+        `h0`, `temperature` for the diagnostics. Methods that define it compute `forward` as
+        `finish(li, method_loss(li))`, so a wrapper that calls it trains the very same method."""
+        raise NotImplementedError(f"{self.name} does not expose loss_inputs (SimCLR, MoCo, BYOL and SimSiam do)")
+
+    def pair_loss(self, online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        "The method's loss on one (online, target) pair of (B, D) batches (its scale included)."
+        raise NotImplementedError(f"{self.name} does not expose pair_loss")
+
+    def method_loss(self, li: dict) -> torch.Tensor:
+        "The method's own loss from its `loss_inputs`: the mean of `pair_loss` over the pairs."
+        return torch.stack([self.pair_loss(li["online"][i], li["target"][j]) for i, j in li["pairs"]]).mean()
+
+    def finish(self, li: dict, loss: torch.Tensor) -> dict:
+        "`forward`'s dict from the loss inputs and a loss."
+        return self._result(loss, li["z"], li["h0"], li["z"][0], li["z"][1], li.get("temperature"))
+
     @staticmethod
     def _result(loss, z, h0, z0, z1, temperature=None) -> dict:
         stats = contrastive_stats(z0, z1, temperature or 1.0)
@@ -185,12 +207,23 @@ class SimCLR(Method):
         self.projector = nn.Identity() if proj_layers == 0 else mlp(self.feat_dim, proj_hidden_dim or self.feat_dim, proj_dim,
                                                                     num_layers=proj_layers, bn_hidden=proj_bn)
 
-    def forward(self, views, batch=None, roles=None):
+    def loss_inputs(self, views, batch=None, roles=None):
         self._check(views, roles)
         h = [self.backbone(v) for v in views]
         z = [self.projector(x) for x in h]
-        loss = self.loss_scale * nt_xent(z[0], z[1], self.temperature, gather=self.gather)
-        return self._result(loss, z, h[0], z[0], z[1], self.temperature)
+        zs = dict(enumerate(z))   # both views are online and target: NT-Xent is symmetric
+        return {"online": zs, "proj": zs, "target": zs, "pairs": ((0, 1), (1, 0)), "z": z, "h0": h[0],
+                "temperature": self.temperature}
+
+    def pair_loss(self, online, target):
+        return self.loss_scale * nt_xent(online, target, self.temperature, gather=self.gather)
+
+    def method_loss(self, li):   # one NT-Xent covers both directions of the pair
+        return self.pair_loss(li["online"][0], li["target"][1])
+
+    def forward(self, views, batch=None, roles=None):
+        li = self.loss_inputs(views, batch, roles)
+        return self.finish(li, self.method_loss(li))
 
 # %% ../nbs/07_methods.ipynb #4750ca64
 class MoCoV2(Method):
@@ -220,16 +253,22 @@ class MoCoV2(Method):
         inv = torch.empty_like(perm); inv[perm] = torch.arange(len(x), device=x.device)
         return hs[inv], ks[inv]
 
-    def forward(self, views, batch=None, roles=None):
+    def loss_inputs(self, views, batch=None, roles=None):
         online, tgt, pairs = self._branches(self._check(views, roles))
         h, q, k = {}, {}, {}
         for i in online: h[i] = self.backbone(views[i]); q[i] = self.projector(h[i])
         hk = {}
         for j in tgt: hk[j], k[j] = self._keys(views[j])
-        loss = torch.stack([moco_loss(q[i], k[j], self.queue, self.temperature) for i, j in pairs]).mean()
         if self.training: self._pending = torch.cat([k[j] for j in tgt])
         z = [q[i] if i in q else k[i] for i in range(2)]
-        return self._result(loss, z, h[0] if 0 in h else hk[0], z[0], z[1], self.temperature)
+        return {"online": q, "proj": q, "target": k, "pairs": pairs, "z": z, "h0": h[0] if 0 in h else hk[0],
+                "temperature": self.temperature}
+
+    def pair_loss(self, online, target): return moco_loss(online, target, self.queue, self.temperature)
+
+    def forward(self, views, batch=None, roles=None):
+        li = self.loss_inputs(views, batch, roles)
+        return self.finish(li, self.method_loss(li))
 
     @torch.no_grad()
     def on_step_end(self, step, total_steps):
@@ -262,16 +301,24 @@ class BYOL(Method):
         self.predictor = mlp(proj_dim, pred_hidden_dim or hid, proj_dim)
         self.target_backbone, self.target_projector = self._ema_copies(self.backbone, self.projector)
 
-    def forward(self, views, batch=None, roles=None):
+    def loss_inputs(self, views, batch=None, roles=None):
         online, tgt, pairs = self._branches(self._check(views, roles))
         h, z, p, ht, zt = {}, {}, {}, {}, {}
         for i in online:
             h[i] = self.backbone(views[i]); z[i] = self.projector(h[i]); p[i] = self.predictor(z[i])
         with torch.no_grad():
             for j in tgt: ht[j] = self.target_backbone(views[j]); zt[j] = self.target_projector(ht[j])
-        loss = self.loss_scale * torch.stack([byol_loss(p[i], zt[j]) for i, j in pairs]).mean()
         zs = [z[i] if i in z else zt[i] for i in range(2)]
-        return self._result(loss, zs, h[0] if 0 in h else ht[0], zs[0], zs[1])
+        return {"online": p, "proj": z, "target": zt, "pairs": pairs, "z": zs, "h0": h[0] if 0 in h else ht[0]}
+
+    def pair_loss(self, online, target): return self.loss_scale * byol_loss(online, target)
+
+    def method_loss(self, li):   # the scale outside the mean, as before the hook existed (bit-identical losses)
+        return self.loss_scale * torch.stack([byol_loss(li["online"][i], li["target"][j]) for i, j in li["pairs"]]).mean()
+
+    def forward(self, views, batch=None, roles=None):
+        li = self.loss_inputs(views, batch, roles)
+        return self.finish(li, self.method_loss(li))
 
     @torch.no_grad()
     def on_step_end(self, step, total_steps):
@@ -292,11 +339,16 @@ class SimSiam(Method):
                              bn_last=True, last_affine=False)
         self.predictor = mlp(proj_dim, pred_hidden_dim or max(proj_dim // 4, 1), proj_dim)
 
-    def forward(self, views, batch=None, roles=None):
+    def loss_inputs(self, views, batch=None, roles=None):
         online, tgt, pairs = self._branches(self._check(views, roles))
         h, z, p = self._predict_and_project(views, online, tgt)
-        loss = torch.stack([simsiam_loss(p[i], z[j]) for i, j in pairs]).mean()
-        return self._result(loss, [z[0], z[1]], h[0], z[0], z[1])
+        return {"online": p, "proj": {i: z[i] for i in online}, "target": z, "pairs": pairs, "z": [z[0], z[1]], "h0": h[0]}
+
+    def pair_loss(self, online, target): return simsiam_loss(online, target)
+
+    def forward(self, views, batch=None, roles=None):
+        li = self.loss_inputs(views, batch, roles)
+        return self.finish(li, self.method_loss(li))
 
 # %% ../nbs/07_methods.ipynb #8f46d247
 class NNCLR(Method):

@@ -249,8 +249,9 @@ def verdict_table(claims: list[dict], digits: int = 1, scale: float = 1.0, capti
 
 
 # %% ../nbs/14_reports.ipynb #41bca6eb
-def reading(claims: list[dict], digits: int = 1, scale: float = 1.0) -> str:
-    "Markdown lines stating each claim's verdict with its paired interval (primary claims first, marked)."
+def reading(claims: list[dict], table: Table | None = None, digits: int = 1, scale: float = 1.0) -> str:
+    """Markdown lines stating each claim's verdict with its paired interval (primary claims first, marked); with the
+    `summarize` table of `collapse=True`, a last line naming the arms flagged as collapsed (or none)."""
     def line(c):
         head = "**primary**" if c.get("primary") else "exploratory"
         if c["n"] >= 2:
@@ -258,7 +259,11 @@ def reading(claims: list[dict], digits: int = 1, scale: float = 1.0) -> str:
             detail = f"mean difference {f(c['mean_diff'])}, 95% CI [{f(c['ci_low'])}, {f(c['ci_high'])}] over {c['n']} seeds"
         else: detail = f"{c['n']} seed(s); a verdict needs 3"
         return f"- {head} — {c['claim']} ({c.get('metric', '–')}): **{c['verdict']}**, {detail}."
-    return "\n".join(line(c) for c in sorted(claims, key=lambda c: not c.get("primary")))
+    lines = [line(c) for c in sorted(claims, key=lambda c: not c.get("primary"))]
+    if table is not None:
+        flagged = [f"{r.get('arm')} ({r['collapse']})" for r in table.raw if r.get("collapse")]
+        lines.append("- Collapse flagged in: " + "; ".join(flagged) if flagged else "- No arm is flagged as collapsed.")
+    return "\n".join(lines)
 
 # %% ../nbs/14_reports.ipynb #ab8aab9e
 def write_table(table: Table, out_dir: str | os.PathLike, name: str) -> dict:

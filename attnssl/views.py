@@ -20,8 +20,8 @@ from .attention import (AttentionSource, FeatureNormSource, MapCache, build_atte
                                iter_source_maps, normalize_max, postprocess, sanitize_maps, upsample)
 
 # %% auto #0
-__all__ = ['VIEWS', 'AUGMENTS', 'ViewGenerator', 'TwoCropViews', 'MultiCropViews', 'AttentionViews', 'heatmap_boxes',
-           'beta_centred_boxes', 'ContrastiveCropViews', 'IntervalViews', 'build_views']
+__all__ = ['VIEWS', 'AUGMENTS', 'STRONG_AUGMENT', 'ViewGenerator', 'TwoCropViews', 'MultiCropViews', 'AttentionViews',
+           'heatmap_boxes', 'beta_centred_boxes', 'ContrastiveCropViews', 'IntervalViews', 'build_views']
 
 # %% ../nbs/11_views.ipynb #bf22b4d0
 class ViewGenerator:
@@ -357,13 +357,18 @@ _OPTIONS = {
                          "batch_size", "track_masks", "heatmap"),
     "composition": ("size", "ops", "crop_scale", "track_masks"),
 }
-AUGMENTS = ("simclr", "byol")
+AUGMENTS = ("simclr", "byol", "strong", "strong_asym")
+# ours: "strong" = SimCLR's pipeline at colour strength 1.0 (jitter 0.8/0.8/0.8/0.2) plus blur (p 0.5) and
+# solarisation (p 0.2), on both views (symmetric) or on the second view only, the first keeping SimCLR's
+STRONG_AUGMENT = {"jitter": (0.8, 0.8, 0.8, 0.2), "blur": 0.5, "p_solarize": 0.2}
 
 def _augment_pair(kind: str, size: int, crop_scale) -> tuple:
     if kind not in AUGMENTS: raise ConfigError(f"unknown augment {kind!r}; valid augments are: {', '.join(AUGMENTS)}")
     if kind == "byol": return tuple(byol_augment(size))
     a = simclr_augment(size, scale=tuple(crop_scale))
-    return (a, a)
+    if kind == "simclr": return (a, a)
+    strong = simclr_augment(size, scale=tuple(crop_scale), **STRONG_AUGMENT)
+    return (strong, strong) if kind == "strong" else (a, strong)
 
 def _image_side(dataset) -> int:
     "The side (H) in pixels of the dataset's images: `image_size` ((H, W) by convention, or an int), else item 0."
