@@ -117,7 +117,7 @@ def config_key(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 # %% ../nbs/13_experiments.ipynb #7fb5f6d8
-EVAL_KEYS = ("knn", "knn_k", "knn_temperature", "linear", "linear_protocol", "linear_epochs")
+EVAL_KEYS = ("knn", "knn_k", "knn_temperature", "linear", "linear_protocol", "linear_epochs", "linear_stages")
 _SET_BY_PRETRAIN = ("out_dir", "seed", "device", "progress", "num_workers")   # TrainConfig fields a run takes from elsewhere
 
 def check_config(config: dict) -> dict:
