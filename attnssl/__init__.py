@@ -16,3 +16,6 @@ __version__ = "0.1.0"
 # starts, makes `get_dataset("clutter")` work whichever attnssl module is imported first, with no module
 # importing one above it. (This line is kept by hand below the docstring that nbdev-export writes.)
 from . import synthetic as _synthetic  # noqa: E402,F401
+# Methods defined above `methods` register their names on import (`methods.register_method`): importing them
+# here makes `build_method("harl")` work after `import attnssl`, whichever module is imported first.
+from . import pixel as _pixel  # noqa: E402,F401
