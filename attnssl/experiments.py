@@ -26,8 +26,8 @@ __all__ = ['SECTIONS', 'PIXEL_KEYS', 'MASK_METHODS', 'RUNTIME_KEYS', 'CACHE_VERS
            'fg_source_of', 'build_view_generator', 'evaluate_encoder', 'run_pretrain', 'dataset_section',
            'recipes_path', 'load_recipe', 'method_section', 'method_backbone', 'views_section', 'make_config',
            'vit_source', 'attention_views', 'SharedParams', 'shared_parameters', 'base_config', 'attention_spec',
-           'report_progress', 'run_grid', 'finetune_run', 'seg_probe_run', 'reference_run', 'reference_rows',
-           'source_maps', 'curves']
+           'report_progress', 'run_grid', 'finetune_run', 'seg_probe_run', 'seg_init_run', 'add_seg_metrics',
+           'reference_run', 'reference_rows', 'source_maps', 'curves']
 
 # %% ../nbs/13_experiments.ipynb #dc0ed44f
 SECTIONS = ("dataset", "backbone", "method", "views", "align", "train", "eval", "pixel", "seed")
@@ -696,6 +696,31 @@ def seg_probe_run(pretrain_result: dict, root=None, runtime: dict | None = None,
         out = (dense.seg_finetune if finetune else dense.seg_probe)(enc, sets["train"], sets["test"], device=device, **kw)
         return {**_plain(out), "device": _device_name(device)}
     return cached_run(cfg, fn, root=root, kind="seg_finetune" if finetune else "seg_probe")
+
+def seg_init_run(config: dict, root=None, **kw) -> dict:
+    "Cached `dense.seg_probe` of `config`'s untrained encoder (seed = the config's seed): the floor of the segmentation table."
+    cfg = canonical_config(config); rt = cfg.pop("runtime", {})
+    keep = {"dataset": cfg["dataset"], "backbone": cfg["backbone"], "seed": cfg["seed"]}
+    def fn(c, d):
+        from attnssl import dense
+        device = get_device(rt.get("device", "auto"))
+        seed_everything(c["random_init"]["seed"])
+        sets = build_datasets({**cfg, "runtime": rt})
+        out = dense.seg_probe(build_backbone_from(cfg).to(device), sets["train"], sets["test"], device=device, **kw)
+        return {**_plain(out), "device": _device_name(device)}
+    return cached_run({"random_init": keep, **kw}, fn, root=root, kind="seg_probe")
+
+def add_seg_metrics(rows: list[dict], base: dict, root=None, **kw) -> list[dict]:
+    """Add `seg_miou` and `seg_pixel_acc` (`seg_probe_run`; references: the random-init encoder's `seg_init_run`)
+    to `run_grid` / `reference_rows` rows, in place; `kw` go to `dense.seg_probe` (e.g. epochs)."""
+    rt = {k: v for k, v in base.get("runtime", {}).items() if k in ("device", "data_root")}
+    if not getattr(build_datasets(base)["test"], "has_masks", False): return rows   # no masks (STL-10, ...): no segmentation task
+    for r in rows:
+        if r.get("result") is not None: s = seg_probe_run(r["result"], root=root, runtime=rt, **kw)
+        elif r.get("arm") == "random init": s = seg_init_run(override(base, {"seed": r["seed"]}), root=root, **kw)
+        else: continue
+        r["seg_miou"], r["seg_pixel_acc"] = s["miou"], s["pixel_acc"]
+    return rows
 
 
 # %% ../nbs/13_experiments.ipynb #62b080c7
