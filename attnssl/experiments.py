@@ -719,7 +719,7 @@ def add_seg_metrics(rows: list[dict], base: dict, root=None, **kw) -> list[dict]
         if r.get("result") is not None: s = seg_probe_run(r["result"], root=root, runtime=rt, **kw)
         elif r.get("arm") == "random init": s = seg_init_run(override(base, {"seed": r["seed"]}), root=root, **kw)
         else: continue
-        r["seg_miou"], r["seg_pixel_acc"] = s["miou"], s["pixel_acc"]
+        r["seg_miou"], r["seg_pixel_acc"], r["seg_fg_iou"] = s["miou"], s["pixel_acc"], s.get("fg_iou")
     return rows
 
 
