@@ -474,7 +474,8 @@ def register_method(name: str):
     def deco(cls):
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise ConfigError(f"register_method({name!r}) takes a Method subclass, got {cls!r}")
-        if METHODS.get(name, cls) is not cls:
+        old = METHODS.get(name, cls)
+        if old is not cls and old.__qualname__ != cls.__qualname__:   # the same class defined again (a notebook re-running its cell) replaces it
             raise ConfigError(f"method name {name!r} is taken by {METHODS[name].__name__}; choose another name")
         METHODS[name] = cls
         return cls
