@@ -17,5 +17,6 @@ __version__ = "0.1.0"
 # starts, makes `get_dataset("clutter")` work whichever attnssl module is imported first, with no module
 # importing one above it. (This line is kept by hand below the docstring that nbdev-export writes.)
 from . import synthetic as _synthetic  # noqa: E402,F401
-# Likewise `pretext` registers RotNet, Jigsaw, the context encoder and PIRL with `methods.register_method`.
-from . import pretext as _pretext  # noqa: E402,F401
+# Likewise, methods defined above `methods` register their names on import (`methods.register_method`):
+# importing them here makes `build_method("rotnet")` or `build_method("harl")` work after `import attnssl`.
+from . import pretext as _pretext, pixel as _pixel  # noqa: E402,F401

@@ -19,7 +19,8 @@ from .reports import experiment_sort_key, read_meta, write_index, write_meta
 # %% auto #0
 __all__ = ['TEMPLATE_RE', 'PROFILE_KEYS', 'PROGRESS_FILE', 'templates_dir', 'list_templates', 'parameter_cells',
            'template_parameters', 'template_title', 'profiles_path', 'load_profiles', 'profile_parameters', 'plan',
-           'progress_line', 'execute_template', 'reproduce', 'build_parser', 'attention_command', 'main']
+           'progress_line', 'execute_template', 'reproduce', 'build_parser', 'attention_command', 'segment_command',
+           'main']
 
 # %% ../nbs/15_cli.ipynb #49209098
 TEMPLATE_RE = re.compile(r"^([A-Z]\d+)_[A-Za-z0-9_]+\.ipynb$")   # id = a family letter and a number
@@ -304,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--rollout", action="store_true", help="attention rollout instead of one block")
     a.add_argument("-s", type=float, default=2.0, help="magnitude scale of the soft view (default: 2)")
     a.add_argument("-t", type=float, default=0.6, help="attention mass kept by the hard view (default: 0.6)")
+    g = sub.add_parser("segment", help="segmentation probe (mIoU, pixel accuracy) of a pre-training run's saved encoder")
+    g.add_argument("--run", required=True, help="a run directory of the cache (it holds run_config.json and encoder.pt)")
+    g.add_argument("--epochs", type=int, default=30, help="probe epochs (default: 30); with --finetune, fine-tuning epochs")
+    g.add_argument("--finetune", action="store_true", help="fine-tune encoder and head (dense.seg_finetune) instead of the frozen probe")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    g.add_argument("--data-root", help="folder holding the run's dataset (not needed for the embedded data)")
+    g.add_argument("--out", help="write the result as JSON to this file")
     return p
 
 def attention_command(args) -> list[Path]:
@@ -315,6 +323,26 @@ def attention_command(args) -> list[Path]:
     source = pretrained_vit_source(args.checkpoint, args.model_name, block=args.block, heads=heads, rollout=args.rollout)
     return render_attention(source, args.images, args.out, args.image_size, args.limit, s=args.s, t=args.t)
 
+def segment_command(args) -> dict:
+    "`attnssl segment`: rebuild a run's encoder from its run_config.json and encoder.pt, probe it on the run's own splits."
+    import torch
+    from attnssl.experiments import build_backbone_from, build_datasets
+    from attnssl.core import get_device, atomic_write_json
+    from attnssl import dense
+    run = Path(args.run).expanduser()
+    if not (run/"run_config.json").is_file() or not (run/"encoder.pt").is_file():
+        raise ConfigError(f"{run} is not a finished pre-training run: it needs run_config.json and encoder.pt "
+                          "(a directory of the run cache, e.g. .cache/runs/<key>)")
+    cfg = json.loads((run/"run_config.json").read_text())
+    device = get_device(args.device)
+    enc = build_backbone_from(cfg)
+    enc.load_state_dict(torch.load(run/"encoder.pt", map_location="cpu", weights_only=True))
+    sets = build_datasets({**cfg, "runtime": {"data_root": args.data_root}})
+    fn = dense.seg_finetune if args.finetune else dense.seg_probe
+    out = fn(enc.to(device), sets["train"], sets["test"], epochs=args.epochs, device=device)
+    if args.out: atomic_write_json(Path(args.out), out)
+    return out
+
 def main(argv: Sequence[str] | None = None) -> int:
     "Entry point of the `attnssl` console script."
     args = build_parser().parse_args(argv)
@@ -323,6 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, path in list_templates().items(): print(f"{i:4s} {template_title(path)}  ({path.name})")
             for name, p in load_profiles().items(): print(f"profile {name}: {p.get('description', '')}")
             return 0
+        if args.command == "segment":
+            r = segment_command(args)
+            print(f"attnssl segment: mIoU {r['miou']:.1f} %, pixel accuracy {r['pixel_acc']:.1f} % "
+                  f"({'fine-tuned' if args.finetune else 'frozen probe'}, map {r['feature_hw'][0]}x{r['feature_hw'][1]})"); return 0
         if args.command == "attention":
             paths = attention_command(args)
             print(f"attnssl attention: {len(paths)} image(s) -> {args.out}"); return 0

@@ -19,18 +19,23 @@ from .core import (ConfigError, atomic_torch_save, atomic_write_json, check_keys
 from .synthetic import DEFAULT_OBJECT_AREA, check_clutter, check_object_area, check_object_colour
 
 # %% auto #0
-__all__ = ['SECTIONS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'EVAL_KEYS', 'DATASET_SPLITS', 'RESIZED_DATASETS',
-           'RECIPE_SECTIONS', 'REFERENCES', 'override', 'canonical_config', 'config_key', 'check_config', 'repo_root',
-           'runs_root', 'run_dir', 'RunLocked', 'lock_is_stale', 'run_lock', 'load_result', 'cached_run',
-           'build_datasets', 'build_backbone_from', 'load_encoder', 'load_metrics', 'pretrain', 'attention_source_of',
-           'build_view_generator', 'evaluate_encoder', 'run_pretrain', 'dataset_section', 'recipes_path', 'load_recipe',
-           'method_section', 'method_backbone', 'views_section', 'make_config', 'vit_source', 'attention_views',
-           'SharedParams', 'shared_parameters', 'base_config', 'attention_spec', 'report_progress', 'run_grid',
-           'finetune_run', 'load_method', 'projection_probe_run', 'reference_run', 'reference_rows', 'source_maps',
-           'curves']
+__all__ = ['SECTIONS', 'PIXEL_KEYS', 'MASK_METHODS', 'RUNTIME_KEYS', 'CACHE_VERSION', 'DEFAULT_CONFIG', 'EVAL_KEYS',
+           'DATASET_SPLITS', 'RESIZED_DATASETS', 'RECIPE_SECTIONS', 'REFERENCES', 'override', 'canonical_config',
+           'config_key', 'check_config', 'repo_root', 'runs_root', 'run_dir', 'RunLocked', 'lock_is_stale', 'run_lock',
+           'load_result', 'cached_run', 'build_datasets', 'build_backbone_from', 'load_encoder', 'load_metrics',
+           'pretrain', 'attention_source_of', 'fg_source_of', 'build_view_generator', 'evaluate_encoder',
+           'run_pretrain', 'dataset_section', 'recipes_path', 'load_recipe', 'method_section', 'method_backbone',
+           'views_section', 'make_config', 'vit_source', 'attention_views', 'SharedParams', 'shared_parameters',
+           'base_config', 'attention_spec', 'report_progress', 'run_grid', 'finetune_run', 'seg_probe_run',
+           'seg_init_run', 'add_seg_metrics', 'load_method', 'projection_probe_run', 'reference_run', 'reference_rows',
+           'source_maps', 'curves']
 
 # %% ../nbs/13_experiments.ipynb #dc0ed44f
-SECTIONS = ("dataset", "backbone", "method", "views", "align", "feature_aug", "train", "eval", "seed")
+SECTIONS = ("dataset", "backbone", "method", "views", "align", "feature_aug", "train", "eval", "pixel", "seed")
+# `pixel` (foreground masks for HARL / HAPiCLR) exists only when active: an inactive section is dropped, so every
+# run without it keeps its cache key. `source`: the foreground source spec (see `fg_source_of`).
+PIXEL_KEYS = ("source", "t", "min_fg", "max_tries", "weight", "variant", "tau", "proj_dim")
+MASK_METHODS = ("harl",)   # methods that read per-view foreground masks
 RUNTIME_KEYS = ("device", "data_root", "progress", "num_workers", "download", "tensorboard")
 CACHE_VERSION = 3  # bump on ANY change in what training or evaluation does: a stale run is never reused
 # v2: validation split carved from eval-train (kNN monitor on it), ResNet `stem`/`last_stride`, recipes, view roles
@@ -99,6 +104,15 @@ def canonical_config(config: dict) -> dict:
     if not out["eval"].get("linear_stages"): out["eval"].pop("linear_stages", None)   # no per-stage probe
     from attnssl.feature_aug import fa_section   # no feature augmentation: no section, so the run keeps its key
     if (fa := fa_section(out.pop("feature_aug"))) is not None: out["feature_aug"] = fa
+    px = out.pop("pixel")
+    check_keys(px, PIXEL_KEYS, "pixel option")
+    if px.get("weight") and not px.get("source"):
+        raise ConfigError("pixel.weight > 0 (HAPiCLR) needs pixel.source: the foreground masks, e.g. {'name': 'ground_truth'}")
+    if out["method"].get("name") in MASK_METHODS and not px.get("source"):
+        raise ConfigError(f"method {out['method']['name']!r} needs foreground masks: set pixel.source, e.g. "
+                          "{'name': 'felzenszwalb'} or {'name': 'ground_truth'}")
+    if px.get("source"):   # active: the section is part of the run's identity
+        out = {**{k: v for k, v in out.items() if k != "seed"}, "pixel": px, "seed": out["seed"]}
     if out["views"].get("name") == "attention" and out["views"].get("mode") == "full":   # no mask: no source, no map options
         out["views"] = {k: v for k, v in out["views"].items() if k not in ("source", "s", "gamma", "beta", "t", "fill")}
     if runtime: out["runtime"] = _plain(runtime)
@@ -360,10 +374,22 @@ def pretrain(config: dict, directory: Path) -> dict:
     m = dict(cfg["method"])
     if "num_samples" in methods.method_hparams(m["name"]): m.setdefault("num_samples", len(sets["ssl"]))  # one bank slot per SSL image (memory bank, PIRL)
     method = methods.build_method(m.pop("name"), backbone, **m)
-    views = build_view_generator(cfg, sets["ssl"], device)
+    ssl, fg_info = sets["ssl"], None
+    px = cfg.get("pixel")
+    if px:   # foreground masks of the chosen source replace the dataset's: they follow every crop into batch["view_masks"]
+        from attnssl import foreground as FG
+        src = fg_source_of(px["source"], cfg, device, ssl)
+        masks = FG.fg_masks(ssl, src)
+        if getattr(ssl, "masks", None) is not None: fg_info = FG.fg_mask_iou(masks, ssl.masks)
+        ssl = FG.with_fg_masks(ssl, masks)
+    views = build_view_generator(cfg, ssl, device)
     if cfg.get("feature_aug"):   # before align: it needs the method's own loss inputs, align only the projections
         from attnssl.feature_aug import with_feature_aug
         method = with_feature_aug(method, **cfg["feature_aug"])
+    if px and px.get("weight"):
+        from attnssl.pixel import with_pixel
+        method = with_pixel(method, weight=px["weight"], variant=px.get("variant", "fg"), tau=px.get("tau", 0.2),
+                            proj_dim=px.get("proj_dim", 64))
     al = dict(cfg["align"])
     if al.get("lam", 0):
         from attnssl.align import with_align
@@ -372,12 +398,13 @@ def pretrain(config: dict, directory: Path) -> dict:
                                   "progress": rt.get("progress", False), "num_workers": rt.get("num_workers", 0)})
     monitor = sets["val"] if sets["val"] is not None else sets["test"]   # curves select on val when there is one
     tb = rt.get("tensorboard", os.environ.get("ATTNSSL_TENSORBOARD") == "1")   # logging only: not part of the run's key
-    trainer = T.Trainer(method, views, sets["ssl"], tc, eval_sets=(sets["train"], monitor),
+    trainer = T.Trainer(method, views, ssl, tc, eval_sets=(sets["train"], monitor),
                         callbacks=[T.TensorBoardLogger(directory/"tensorboard")] if tb else ())
     final = trainer.fit()
     encoder = method.export_backbone()   # what the run hands on: the backbone (DINO: the teacher's)
     atomic_torch_save(encoder.state_dict(), directory/"encoder.pt")
     out = {"train": _plain(final or {}), "metrics_path": str(directory/"metrics.jsonl"), "device": _device_name(device)}
+    if fg_info is not None: out["fg_mask"] = fg_info   # the foreground source's agreement with the ground truth
     ev = dict(cfg["eval"])
     if final and final.get("knn_top1") is not None and ev.get("knn_k") == cfg["train"].get("knn_k") and encoder is backbone:
         # the trainer's last kNN monitor (of the same network) is the val (or, without val, the test) kNN: not computed twice
@@ -409,11 +436,33 @@ centred blob: the control that knows nothing about the image). None stays None."
     if name == "centre_prior": return A.CentrePriorSource(**spec)
     raise ConfigError(f"unknown attention source {name!r}; valid sources are: vit, ground_truth, feature_norm, centre_prior")
 
+def fg_source_of(spec: dict, cfg: dict, device, dataset=None):
+    """A foreground source from its config: `{"name": "felzenszwalb" | "saliency" | "ground_truth", **options}`,
+    `{"name": "attention", "source": <an attention source spec, e.g. vit_source(...)>, "t": 0.6}` (the hard mask of
+    that source) or `{"name": "feature_norm", "pretrain": <config of a CNN run>, "t": 0.6}`."""
+    from attnssl import foreground as FG
+    spec = dict(spec); name = spec.pop("name", None)
+    norm = {"mean": tuple(dataset.mean), "std": tuple(dataset.std)} if dataset is not None else {}
+    if name == "attention":
+        src = attention_source_of(spec.pop("source", None), cfg, device)
+        if src is None: raise ConfigError("fg source 'attention' needs 'source': an attention source spec, e.g. experiments.vit_source(base)")
+        return FG.AttentionFgSource(src, **spec, **norm)
+    if name == "feature_norm":
+        pre = spec.pop("pretrain", None)
+        if pre is None: raise ConfigError("fg source 'feature_norm' needs 'pretrain': the config of the CNN run")
+        enc = load_encoder(run_pretrain({**pre, "runtime": cfg.get("runtime", {})}), device)
+        return FG.build_fg_source("feature_norm", encoder=enc, **spec, **norm)
+    return FG.build_fg_source(name, **spec)
+
 def build_view_generator(cfg: dict, ssl_set, device):
     "The view generator of a config: `views.name` + options (`views.source` is built by `attention_source_of`)."
     from attnssl import views as V
     v = copy.deepcopy(cfg["views"]); name = v.pop("name")
     if "source" in v: v["source"] = attention_source_of(v["source"], cfg, device)
+    px = cfg.get("pixel")
+    if px:   # crops keep enough foreground (re-drawn, then the whole image: counted in the views' diagnostics)
+        if name != "two_crop": raise ConfigError(f"the pixel section needs views 'two_crop' (the crops are re-drawn for foreground), got {name!r}")
+        v.setdefault("min_fg", px.get("min_fg", 0.2)); v.setdefault("max_tries", px.get("max_tries", 5))
     for k in ("crop", "crop_scale"):
         if isinstance(v.get(k), list): v[k] = tuple(v[k])
     return V.build_views(name, ssl_set, **v)
@@ -676,6 +725,46 @@ def finetune_run(pretrain_result: dict, label_fraction: float, seed: int = 0, ro
         return {"top1": float(out["top1"]), "num_labelled": int(out.get("num_labelled", 0)), "steps": int(out["steps"]),
                 "device": _device_name(device)}
     return cached_run(cfg, fn, root=root, kind="finetune")
+
+def seg_probe_run(pretrain_result: dict, root=None, runtime: dict | None = None, finetune: bool = False, **kw) -> dict:
+    """Cached segmentation of a pretrained run's encoder (`dense.seg_probe`, or `dense.seg_finetune` with
+    `finetune=True`) trained on its eval-train split, measured on its test split: mIoU, pixel accuracy, per class."""
+    cfg = {"pretrain": pretrain_result["config"], "finetune": finetune, **kw}
+    rt = dict(runtime or {})
+    def fn(c, d):
+        from attnssl import dense
+        device = get_device(rt.get("device", "auto"))
+        sets = build_datasets({**pretrain_result["config"], "runtime": rt})
+        enc = load_encoder(pretrain_result, device)
+        out = (dense.seg_finetune if finetune else dense.seg_probe)(enc, sets["train"], sets["test"], device=device, **kw)
+        return {**_plain(out), "device": _device_name(device)}
+    return cached_run(cfg, fn, root=root, kind="seg_finetune" if finetune else "seg_probe")
+
+def seg_init_run(config: dict, root=None, **kw) -> dict:
+    "Cached `dense.seg_probe` of `config`'s untrained encoder (seed = the config's seed): the floor of the segmentation table."
+    cfg = canonical_config(config); rt = cfg.pop("runtime", {})
+    keep = {"dataset": cfg["dataset"], "backbone": cfg["backbone"], "seed": cfg["seed"]}
+    def fn(c, d):
+        from attnssl import dense
+        device = get_device(rt.get("device", "auto"))
+        seed_everything(c["random_init"]["seed"])
+        sets = build_datasets({**cfg, "runtime": rt})
+        out = dense.seg_probe(build_backbone_from(cfg).to(device), sets["train"], sets["test"], device=device, **kw)
+        return {**_plain(out), "device": _device_name(device)}
+    return cached_run({"random_init": keep, **kw}, fn, root=root, kind="seg_probe")
+
+def add_seg_metrics(rows: list[dict], base: dict, root=None, **kw) -> list[dict]:
+    """Add `seg_miou` and `seg_pixel_acc` (`seg_probe_run`; references: the random-init encoder's `seg_init_run`)
+    to `run_grid` / `reference_rows` rows, in place; `kw` go to `dense.seg_probe` (e.g. epochs)."""
+    rt = {k: v for k, v in base.get("runtime", {}).items() if k in ("device", "data_root")}
+    if not getattr(build_datasets(base)["test"], "has_masks", False): return rows   # no masks (STL-10, ...): no segmentation task
+    for r in rows:
+        if r.get("result") is not None: s = seg_probe_run(r["result"], root=root, runtime=rt, **kw)
+        elif r.get("arm") == "random init": s = seg_init_run(override(base, {"seed": r["seed"]}), root=root, **kw)
+        else: continue
+        r["seg_miou"], r["seg_pixel_acc"], r["seg_fg_iou"] = s["miou"], s["pixel_acc"], s.get("fg_iou")
+    return rows
+
 
 # %% ../nbs/13_experiments.ipynb #bb858307
 def load_method(result: dict, device="cpu"):

@@ -18,6 +18,7 @@ from .augment import (Augment, byol_augment, Composition, crop_resize, light_aug
                              simclr_augment, to_float)
 from .attention import (AttentionSource, FeatureNormSource, MapCache, build_attention_source, hard_mask,
                                iter_source_maps, normalize_max, postprocess, sanitize_maps, upsample)
+from .foreground import sample_fg_params
 
 # %% auto #0
 __all__ = ['VIEWS', 'AUGMENTS', 'STRONG_AUGMENT', 'ViewGenerator', 'TwoCropViews', 'MultiCropViews', 'AttentionViews',
@@ -35,7 +36,11 @@ class ViewGenerator:
         return tuple(self.roles)
 
     def __call__(self, batch: dict, epoch: int = 0) -> list[Tensor]:
-        return self.generate(batch, epoch)[0]
+        """The views of `batch`; when the batch has foreground masks, their per-view versions (same geometry as each
+        view) go into `batch["view_masks"]`, which the trainer hands to the method (HARL, HAPiCLR read them)."""
+        views, masks = self.generate(batch, epoch)
+        if isinstance(batch, dict) and any(m is not None for m in masks): batch["view_masks"] = masks
+        return views
 
     def generate(self, batch: dict, epoch: int = 0) -> tuple[list[Tensor], list[Tensor | None]]:
         "Views, and per view the batch's foreground mask under the same geometry (None if the batch has none)."
@@ -108,13 +113,24 @@ def _pair(augment) -> tuple:
 class TwoCropViews(ViewGenerator):
     "Baseline: two independent random augmentations of each image (SimCLR pair or BYOL's asymmetric pair)."
     num_views = 2
-    def __init__(self, augment_pair, normalize: nn.Module, track_masks: bool = True):
+    def __init__(self, augment_pair, normalize: nn.Module, track_masks: bool = True, min_fg: float = 0.0,
+                 max_tries: int = 5):
         self.augs, self.normalize, self.track_masks = _pair(augment_pair), normalize, track_masks
+        self.min_fg, self.max_tries = float(min_fg), int(max_tries)   # foreground.sample_fg_params: re-drawn crops
 
     def _modules(self): return [*self.augs, self.normalize]
 
     def generate(self, batch, epoch=0):
-        return self._apply_each(self.augs, *self._prepare(batch))
+        x, masks = self._prepare(batch)
+        if not self.min_fg or masks is None: return self._apply_each(self.augs, x, masks)
+        views, maps = [], []
+        for aug in self.augs:          # crops with < min_fg foreground re-drawn, then the whole image (counted)
+            params, counts = sample_fg_params(aug, masks, self.min_fg, self.max_tries)
+            v, m = aug.apply(x, params, masks)
+            views.append(self.normalize(v)); maps.append(m)
+            self._note("fg_redraw_count", counts["redraws"], 0); self._note("fg_fallback_count", counts["fallbacks"], 0)
+        self._note_views(views, maps, x.shape[-2:])
+        return views, maps
 
 class MultiCropViews(ViewGenerator):
     "DINO's multi-crop: 2 global crops (`global_augment`, one pipeline or a pair) and `n_local` local crops."
@@ -349,7 +365,7 @@ class IntervalViews(ViewGenerator):
 VIEWS = ("two_crop", "multi_crop", "attention", "contrastive_crop", "composition")
 _COMMON = ("size", "crop_scale", "augment", "track_masks")
 _OPTIONS = {
-    "two_crop": _COMMON,
+    "two_crop": _COMMON + ("min_fg", "max_tries"),
     "multi_crop": ("global_size", "local_size", "n_local", "global_scale", "local_scale", "track_masks"),
     "attention": _COMMON + ("cache", "source", "refresh_every", "batch_size", "mode", "s", "gamma", "beta", "t",
                             "fill", "crop", "warmup_epochs", "every"),
@@ -386,7 +402,8 @@ def build_views(name: str, dataset, **kw) -> ViewGenerator:
     track = kw.pop("track_masks", True)
     crop_scale = tuple(kw.pop("crop_scale", (0.2, 1.0)))
     if name == "two_crop":
-        return TwoCropViews(_augment_pair(kw.pop("augment", "simclr"), size, crop_scale), normalize, track_masks=track)
+        return TwoCropViews(_augment_pair(kw.pop("augment", "simclr"), size, crop_scale), normalize, track_masks=track,
+                            min_fg=kw.get("min_fg", 0.0), max_tries=kw.get("max_tries", 5))
     if name == "composition":   # SimCLR's study: view 0 is the image itself, view 1 gets `ops` in order
         ops = kw.pop("ops", None)
         if not ops: raise ConfigError("composition views need ops=[op] or [op1, op2] (names in augment.COMPOSITION_OPS) for the targeted branch")

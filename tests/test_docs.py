@@ -69,7 +69,7 @@ def test_method_document():
     first = "".join(cells[0]["source"])
     assert first.startswith("# Method\n") and "\n> " in first
     anchors = method_anchors()
-    assert {"1-the-thesis-and-its-claim", "4-attention-guided-views", "12-experiments", "16-references"} <= anchors
+    assert {"1-the-thesis-and-its-claim", "4-attention-guided-views", "12-experiments", "17-references"} <= anchors
     # explicit `<a id>` anchors (for renderers whose heading ids differ from GitHub's) repeat the heading anchors
     ids = {m.group(1) for src in _markdown(METHOD_NB) for m in re.finditer(r'<a id="([^"]+)"></a>', src)}
     assert ids and ids <= anchors, sorted(ids - anchors)

@@ -6,8 +6,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT/"attnssl"
 # Lowest first: the one definition of the layering (nbs/index.ipynb, "Module map", must list the same).
-ORDER = ("core", "distributed", "datasets", "synthetic", "augment", "models", "attention", "views", "losses",
-         "methods", "pretext", "align", "feature_aug", "evaluate", "train", "experiments", "reports", "cli")
+ORDER = ("core", "distributed", "datasets", "synthetic", "augment", "models", "attention", "foreground", "views", "losses",
+         "methods", "pretext", "align", "pixel", "feature_aug", "evaluate", "dense", "train", "experiments", "reports", "cli")
 # Not layers: the package itself (it imports `synthetic`, which registers "clutter") and nbdev's index.
 NOT_LAYERS = ("__init__", "_modidx")
 

@@ -17,7 +17,7 @@ B, S, N = 8, 16, 64                 # batch, image size, dataset size (memory ba
 KW = {"memory_bank": dict(num_samples=N, num_negatives=16), "moco_v1": dict(queue_size=32),
       "moco_v2": dict(queue_size=32), "nnclr": dict(queue_size=32),
       "dino": dict(out_dim=64, hidden_dim=32, bottleneck_dim=16)}
-TARGET_PREFIX = {"moco_v1": "key_", "moco_v2": "key_", "byol": "target_", "dino": "teacher_"}
+TARGET_PREFIX = {"moco_v1": "key_", "moco_v2": "key_", "byol": "target_", "harl": "target_", "dino": "teacher_"}
 ROLES = ("augmented", "attention")   # the attention views' roles
 # the contrastive methods of attnssl.methods (the registry also holds methods of other modules: pretext tasks, ...)
 CONTRASTIVE = ("simclr", "moco_v1", "moco_v2", "byol", "simsiam", "nnclr", "dino", "memory_bank")
@@ -35,7 +35,9 @@ def make(name, **kw):
 def views_batch(seed=0, grad=False):
     g = torch.Generator().manual_seed(seed)
     views = [torch.randn(B, 3, S, S, generator=g).requires_grad_(grad) for _ in range(2)]
-    return views, {"index": torch.arange(10, 10 + B), "label": torch.zeros(B, dtype=torch.long)}
+    masks = [torch.zeros(B, 1, S, S) for _ in views]          # per-view foreground masks (read by HARL)
+    for m in masks: m[..., S // 4:3 * S // 4, S // 4:3 * S // 4] = 1
+    return views, {"index": torch.arange(10, 10 + B), "label": torch.zeros(B, dtype=torch.long), "view_masks": masks}
 
 
 @pytest.mark.parametrize("name", sorted(CONTRASTIVE))
@@ -48,7 +50,7 @@ def test_forward_backward_contract(name):
     assert len(out["z"]) == 2 and all(z.shape[0] == B and z.requires_grad for z in out["z"])
     assert out["h0"].shape == (B, m.backbone.out_dim) and not out["h0"].requires_grad
     assert torch.isfinite(out["s_pos"]) and torch.isfinite(out["s_neg"])
-    assert math.isnan(float(out["p_pos"])) == (name in ("byol", "simsiam", "dino"))
+    assert math.isnan(float(out["p_pos"])) == (name in ("byol", "simsiam", "dino", "harl"))
     out["loss"].backward()
     g = m.backbone.stem[0].weight.grad
     assert g is not None and g.abs().sum() > 0
@@ -287,7 +289,7 @@ def test_build_method_errors_and_hparams():
         build_method("byol", backbone(), temperature=0.1)
     with pytest.raises(ConfigError, match="schedule"):
         build_method("moco_v2", backbone(), momentum_schedule="step")
-    assert set(CONTRASTIVE) <= set(METHODS) and {"rotnet", "jigsaw", "context_encoder", "pirl"} <= set(METHODS)
+    assert set(CONTRASTIVE) <= set(METHODS) and {"rotnet", "jigsaw", "context_encoder", "pirl", "harl"} <= set(METHODS)
     assert method_hparams("simclr")["temperature"] == 0.5 and method_hparams("byol")["momentum"] == 0.996
     m = build_method("simclr", backbone(), proj_dim=32, temperature=0.2)
     assert isinstance(m, SimCLR) and m.projector[-1].out_features == 32 and m.temperature == 0.2
