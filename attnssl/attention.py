@@ -20,12 +20,12 @@ from .augment import normalize_images
 from .datasets import get_batch
 
 # %% auto #0
-__all__ = ['FALLBACKS', 'SOURCE_BUILDERS', 'unfused_attention', 'eval_mode', 'as_vit', 'patch_grid', 'cls_attention',
+__all__ = ['FALLBACKS', 'MASS_GRID', 'SOURCE_BUILDERS', 'unfused_attention', 'eval_mode', 'as_vit', 'patch_grid', 'cls_attention',
            'attention_rollout', 'AttentionSource', 'ViTAttentionSource', 'FeatureNormSource', 'GroundTruthSource',
            'CentrePriorSource', 'sanitize_maps', 'upsample', 'normalize_max', 'magnitude_scale', 'postprocess',
            'mass_threshold', 'hard_mask', 'mask_iou', 'mask_average_precision', 'map_entropy', 'map_diagnostics',
-           'iter_source_maps', 'MapCache', 'save_vit_checkpoint', 'load_vit', 'pretrained_vit_source',
-           'build_attention_source']
+           'best_mass_threshold', 'iter_source_maps', 'MapCache', 'save_vit_checkpoint', 'load_vit',
+           'pretrained_vit_source', 'build_attention_source']
 
 # %% ../nbs/10_attention.ipynb #2d3cca34
 class _StopForward(Exception):
@@ -355,6 +355,16 @@ def map_diagnostics(maps: torch.Tensor, size: int | tuple[int, int] | None = Non
         out["iou"] = mask_iou(hard, masks).mean().item()
         out["ap"] = mask_average_precision(maps, masks).nanmean().item()
     return out
+
+# %% ../nbs/10_attention.ipynb #563bd602
+MASS_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+def best_mass_threshold(maps: torch.Tensor, masks: torch.Tensor, grid: Sequence[float] = MASS_GRID) -> tuple[float, dict]:
+    "The mass threshold of `grid` whose hard masks have the highest mean IoU with `masks` (use validation images), and each t's IoU."
+    if len(maps) != len(masks): raise ConfigError(f"{len(maps)} maps but {len(masks)} masks: pass one mask per map")
+    size = tuple(masks.shape[-2:])
+    ious = {float(t): mask_iou(hard_mask(maps, t, size), masks).mean().item() for t in grid}
+    return max(ious, key=ious.get), ious
 
 # %% ../nbs/10_attention.ipynb #aa30ab87
 def _source_device(source: AttentionSource, device) -> torch.device:

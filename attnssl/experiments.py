@@ -604,10 +604,17 @@ def vit_source(base: dict, vit: str | None = None, patch_size: int | None = None
     SSL split, then frozen. Its run uses `base`'s dataset and seed 0 (one attention source for every seed of the
     encoder). Settings: the arguments given (not None), else the recipe's `vit` section, else a 1-epoch ViT-Tiny.
     The DINO head is smaller than DINO's ImageNet one (out 1024, hidden 512, bottleneck 128; our choice for
-    small data); `dino_kw` overrides it."""
+    small data); `dino_kw` overrides it. How maps are read from the trained ViT (`block`, `heads` of
+    `attention.ViTAttentionSource`) comes from `source_kw`, else the recipe's `vit` section, else the last block's
+    mean over heads."""
     given = {k: v for k, v in dict(vit=vit, patch_size=patch_size, epochs=epochs, batch_size=batch_size, lr=lr,
                                    depth=depth, embed_dim=embed_dim, n_local=n_local, dino_kw=dino_kw).items() if v is not None}
     a = {**_VIT_FALLBACK, **load_recipe(recipe)["vit"], **given}
+    readout = {k: a[k] for k in ("block", "heads") if k in a}   # which block's CLS attention, heads combined how
+    block = source_kw.get("block", readout.get("block"))
+    if depth and block is not None and not -depth <= block < depth:
+        raise ConfigError(f"the ViT's maps are read from block {block} (recipe {recipe!r}) but it has depth {depth}: "
+                          f"pass block= (0..{depth - 1}, or -1 for the last) or a depth > {block}")
     vit, patch_size, epochs, batch_size, lr = a["vit"], a.get("patch_size"), a["epochs"], a.get("batch_size"), a["lr"]
     depth, embed_dim, n_local, dino_kw = a.get("depth"), a.get("embed_dim"), a["n_local"], a.get("dino_kw")
     size = base["dataset"].get("image_size", 32) or 32
@@ -621,7 +628,7 @@ def vit_source(base: dict, vit: str | None = None, patch_size: int | None = None
            "train": {"epochs": epochs, "batch_size": batch_size or base["train"].get("batch_size", 64),
                      "optimizer": "adamw", "lr": lr, "weight_decay": 0.04},
            "eval": {"knn": True, "knn_k": base["eval"].get("knn_k", 20), "linear": False}, "seed": 0}
-    return {"name": "vit", "pretrain": run, **source_kw}
+    return {"name": "vit", "pretrain": run, **readout, **source_kw}
 
 def attention_views(source: dict, mode: str = "soft", s: float = 2.0, gamma: float = 1.0, beta: float = 0.0,
                     t: float = 0.6, crop=None, fill: str = "zero", **kw) -> dict:

@@ -8,7 +8,7 @@ import timm
 from attnssl.core import ConfigError, atomic_torch_save
 from attnssl.attention import (
     AttentionSource, ViTAttentionSource, FeatureNormSource, GroundTruthSource, MapCache, attention_rollout,
-    build_attention_source, cls_attention, hard_mask, load_vit, map_diagnostics, map_entropy, mask_iou,
+    best_mass_threshold, build_attention_source, cls_attention, hard_mask, load_vit, map_diagnostics, map_entropy, mask_iou,
     mass_threshold, postprocess, sanitize_maps, save_vit_checkpoint, unfused_attention)
 
 
@@ -178,6 +178,18 @@ def test_mass_threshold_ties():
     binary = torch.zeros(2, 1, 16, 16); binary[:, :, 4:9, 3:12] = 1
     assert torch.equal(mass_threshold(binary, 0.6), binary.bool())
     assert mass_threshold(torch.full((1, 1, 4, 4), 0.3), 0.6).all()          # uniform: whole image
+
+
+def test_best_mass_threshold_picks_the_grid_point_with_the_best_mean_iou():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(5, 1, 16, 16)
+    for i in range(5): r, c = torch.randint(0, 8, (2,), generator=g); masks[i, :, r:r + 6, c:c + 6] = 1
+    maps = masks + 0.05 * torch.rand(5, 1, 16, 16, generator=g)      # right place, some background mass
+    t_best, ious = best_mass_threshold(maps, masks, grid=(0.3, 0.6, 0.9))
+    naive = {t: sum(mask_iou(hard_mask(maps[i:i + 1], t, 16), masks[i:i + 1]).item() for i in range(5)) / 5 for t in (0.3, 0.6, 0.9)}
+    assert ious.keys() == naive.keys() and all(abs(ious[t] - naive[t]) < 1e-6 for t in naive)
+    assert ious[t_best] == max(naive.values())
+    with pytest.raises(ConfigError, match="one mask per map"): best_mass_threshold(maps, masks[:3])
 
 
 def test_degenerate_maps_fall_back_to_whole_image_and_are_counted():
@@ -356,7 +368,7 @@ def test_e0_template_runs_on_a_dataset_without_masks(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path/"E0"; out.mkdir()
     params = dict(out_dir=str(out), dataset="imagefolder", data_root=str(tmp_path/"data"), batch_size=6, device="cpu",
-                  vit_configs=[["vit_tiny", 8, 1]], vit_epochs_list=[1], iou_images=8, n_show=2, knn_k=5)
+                  vit_configs=[["vit_tiny", 8, 2]], vit_epochs_list=[1], iou_images=8, n_show=2, knn_k=5)
     params["num_val_images"] = 2     # the template's val split, carved from 12 training images
     pm.execute_notebook(str(root/"nbs"/"experiments"/"E0_vit_configuration.ipynb"), str(out/"E0.ipynb"),
                         parameters=params, kernel_name="python3", progress_bar=False, cwd=str(tmp_path))

@@ -159,6 +159,10 @@ def test_recipe_resolution_and_errors(tmp_path):
     assert cfg["train"]["lr"] == 0.01 and cfg["train"]["optimizer"] == "adamw" and cfg["backbone"]["last_stride"] == 1
     assert make_config()["train"]["optimizer"] == "sgd"   # no recipe: the builders' defaults
     assert vit_source(cfg, recipe="cpu", epochs=3)["pretrain"]["backbone"]["embed_dim"] == r["vit"]["embed_dim"]
+    spec = vit_source(cfg, recipe="cpu", epochs=3)           # the recipe's readout goes to the source, not the run
+    assert (spec["block"], spec["heads"]) == (r["vit"]["block"], r["vit"]["heads"]) and "block" not in spec["pretrain"]["backbone"]
+    assert vit_source(cfg, recipe="cpu", block=-1)["block"] == -1 and "block" not in vit_source(cfg, recipe=None)
+    with pytest.raises(ConfigError, match="pass block="): vit_source(cfg, recipe="cpu", depth=1)
     with pytest.raises(ConfigError, match="valid recipes are: .*cpu"): load_recipe("gpu-fast")
     bad = tmp_path/"recipes.yaml"; bad.write_text("x:\n  extends: y\ny:\n  extends: x\n")
     with pytest.raises(ConfigError, match="extends itself"): load_recipe("x", bad)
