@@ -696,15 +696,22 @@ def report_progress(**fields) -> None:
     if path: atomic_write_json(Path(path), {**fields, "time": time.time()})
 
 def run_grid(base: dict, arms: dict[str, dict], seeds: int | Iterable[int] = 1, root=None,
-             run: Callable | None = None, log: Callable | None = print, tag: str = "") -> list[dict]:
-    "Run every arm (dotted-key update of `base`) for every seed through the cache; one row per run."
+             run: Callable | None = None, log: Callable | None = print, tag: str = "",
+             claimed: Iterable[str] = (), claim_seeds: int = 1) -> list[dict]:
+    """Run every arm (dotted-key update of `base`) for every seed through the cache; one row per run, in the order
+    of `arms`. The arms named in `claimed` (those a template's primary claim compares) run on `claim_seeds` seeds
+    when that is more than `seeds`: a verdict needs 3 seeds, the other arms can stay on fewer."""
     seeds = range(seeds) if isinstance(seeds, int) else list(seeds)
+    claimed = list(claimed)
+    check_keys(claimed, list(arms), "claimed arm")
+    more = sorted(set(seeds) | set(range(claim_seeds)))
+    per_arm = {a: (more if a in claimed else list(seeds)) for a in arms}
     if run is None:   # pretraining arms: a typo in the last one fails now, not after the others have trained
         for upd in arms.values(): check_config(override(base, upd or {}))
     run = run or (lambda cfg: run_pretrain(cfg, root=root))
-    rows, total = [], len(arms) * len(seeds)
+    rows, total = [], sum(len(v) for v in per_arm.values())
     for arm, upd in arms.items():
-        for s in seeds:
+        for s in per_arm[arm]:
             cfg = override(base, {**(upd or {}), "seed": s})
             report_progress(grid=tag, run=f"{arm} seed {s}", done=len(rows), total=total,
                             run_dir=str(run_dir(cfg, root)), epochs=cfg.get("train", {}).get("epochs"))
