@@ -16,6 +16,7 @@ them, at random init and every 10 epochs. Factors:
                                             mid-grey background field (rows of this file with "grey_object" used
                                             an edit that is now the knob --object-colour 0: the same pixels)
     --backbone JSON --epochs N --images N   capacity and budget
+    --train JSON --method-kw JSON           TrainConfig and method hyperparameter overrides (over the recipe's)
 
     python benchmarks/diagnose_benchmark.py --views oracle --object-area 0.2 0.5 --clutter 0
     python benchmarks/diagnose_benchmark.py --object-colour 0 --object-area 0.2 0.5 --clutter 0
@@ -77,12 +78,12 @@ def run(a) -> dict:
         else: views.augment, views.light = simclr_augment(32, **colour), light_augment(32, **colour)
     train = {**recipe["train"], "batch_size": 128, **a.train}
     config = TrainConfig(epochs=a.epochs, device="cpu", knn_k=50, knn_every=10, progress=False, seed=a.seed, **train)
-    method = build_method(a.method, backbone, **recipe["methods"].get(a.method, {}))
+    method = build_method(a.method, backbone, **{**recipe["methods"].get(a.method, {}), **a.method_kw})
     trainer = Trainer(method, views, ssl, config, eval_sets=(ssl, val))
     start = time.time(); last = trainer.fit()
     return {"method": a.method, "views": a.views, "data": {**data, "images": a.images, "val_images": a.val_images},
             "intervene": a.intervene, "colour_jitter": a.colour_jitter, "p_gray": a.p_gray, "recipe": a.recipe,
-            "backbone": a.backbone, "train": a.train, "epochs": a.epochs, "seed": a.seed, "knn_init": round(at_init, 1),
+            "backbone": a.backbone, "train": a.train, **({"method_kw": a.method_kw} if a.method_kw else {}), "epochs": a.epochs, "seed": a.seed, "knn_init": round(at_init, 1),
             "knn": [[h["epoch"] + 1, round(h["knn_top1"], 1)] for h in trainer.history if "knn_top1" in h],
             **{k: round(last[k], 3) for k in ("loss", "s_pos", "s_neg", "uniformity") if k in last},
             "minutes": round((time.time() - start) / 60, 1), "threads": torch.get_num_threads(),
@@ -102,6 +103,8 @@ def main(argv=None) -> dict:
     p.add_argument("--recipe", default="cpu")
     p.add_argument("--backbone", type=json.loads, default=None, help='build_backbone overrides (JSON), e.g. \'{"width": 16}\'')
     p.add_argument("--train", type=json.loads, default={}, help="TrainConfig overrides (JSON)")
+    p.add_argument("--method-kw", type=json.loads, default={},
+                   help='method hyperparameter overrides (JSON, over the recipe\'s), e.g. \'{"momentum": 0.9}\'')
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--val-images", type=int, default=1000)
