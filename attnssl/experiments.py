@@ -611,10 +611,10 @@ def vit_source(base: dict, vit: str | None = None, patch_size: int | None = None
                                    depth=depth, embed_dim=embed_dim, n_local=n_local, dino_kw=dino_kw).items() if v is not None}
     a = {**_VIT_FALLBACK, **load_recipe(recipe)["vit"], **given}
     readout = {k: a[k] for k in ("block", "heads") if k in a}   # which block's CLS attention, heads combined how
-    block = source_kw.get("block", readout.get("block"))
-    if depth and block is not None and not -depth <= block < depth:
-        raise ConfigError(f"the ViT's maps are read from block {block} (recipe {recipe!r}) but it has depth {depth}: "
-                          f"pass block= (0..{depth - 1}, or -1 for the last) or a depth > {block}")
+    block, n_blocks = source_kw.get("block", readout.get("block")), a.get("depth")
+    if n_blocks and block is not None and not -n_blocks <= block < n_blocks:
+        raise ConfigError(f"the ViT's maps are read from block {block} (recipe {recipe!r}) but it has depth {n_blocks}: "
+                          f"pass block= (0..{n_blocks - 1}, or -1 for the last) or a depth > {block}")
     vit, patch_size, epochs, batch_size, lr = a["vit"], a.get("patch_size"), a["epochs"], a.get("batch_size"), a["lr"]
     depth, embed_dim, n_local, dino_kw = a.get("depth"), a.get("embed_dim"), a["n_local"], a.get("dino_kw")
     size = base["dataset"].get("image_size", 32) or 32
