@@ -262,7 +262,7 @@ def test_t1_small_sizes_do_not_leak_into_larger_profiles():
     "small's T1 section is inherited by profiles that extend it: each resets the sizes to its own defaults."
     from attnssl.cli import profile_parameters
     small, medium, paper, dry = (profile_parameters(p)["T1"] for p in ("small", "medium", "paper", "paper-dry-run"))
-    assert small["epochs"] == 4 and small["seeds"] == 3
+    assert small["epochs"] == 8 and small["seeds"] == 3
     assert medium["epochs"] == profile_parameters("medium")["E2"]["epochs"] and medium["num_images"] == 4096
     assert paper["epochs"] == 500 and paper["num_images"] is None and paper["linear_epochs"] == 100
     assert dry["epochs"] == 1 and dry["seeds"] == 1 and dry["num_images"] is None
