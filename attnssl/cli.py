@@ -18,9 +18,9 @@ from .reports import experiment_sort_key, read_meta, write_index, write_meta
 
 # %% auto #0
 __all__ = ['TEMPLATE_RE', 'PROFILE_KEYS', 'PROGRESS_FILE', 'templates_dir', 'list_templates', 'parameter_cells',
-           'template_parameters', 'template_title', 'profiles_path', 'load_profiles', 'profile_parameters', 'plan',
-           'progress_line', 'execute_template', 'reproduce', 'build_parser', 'attention_command', 'segment_command',
-           'main']
+           'template_parameters', 'needs_vit', 'schedule', 'template_title', 'profiles_path', 'load_profiles',
+           'profile_parameters', 'plan', 'progress_line', 'execute_template', 'reproduce', 'build_parser',
+           'attention_command', 'segment_command', 'main']
 
 # %% ../nbs/15_cli.ipynb #49209098
 TEMPLATE_RE = re.compile(r"^([A-Z]\d+)_[A-Za-z0-9_]+\.ipynb$")   # id = a family letter and a number
@@ -57,6 +57,18 @@ def template_parameters(nb_path: str | os.PathLike) -> dict[str, Any]:
             try: params[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError: params[node.targets[0].id] = ast.get_source_segment(src, node.value)
     return params
+
+def needs_vit(nb_path: str | os.PathLike) -> bool:
+    "Whether a template reads the shared attention ViT: its code calls `experiments.attention_spec` or `vit_source`."
+    return any(s in "".join(c["source"]) for c in _cells(Path(nb_path)) if c["cell_type"] == "code"
+               for s in ("attention_spec(", "vit_source("))
+
+def schedule(ids: Sequence[str], templates: dict[str, Path]) -> list[str]:
+    """The order `reproduce --jobs N` starts templates in: the first that needs the attention ViT (it trains the
+    shared source), then every template without one, then the rest. In study order a second worker would start E1
+    and sit on the ViT's run lock for as long as E0 trains it; this way it works on the ViT-free templates meanwhile."""
+    vit = [i for i in ids if needs_vit(templates[i])]
+    return vit[:1] + [i for i in ids if i not in vit] + vit[1:]
 
 def template_title(nb_path: str | os.PathLike) -> str:
     "The first markdown heading of the template."
@@ -237,6 +249,8 @@ def reproduce(profile: str = "small", only: Sequence[str] | None = None, seeds: 
                 "seeds": params.get("seeds", template_parameters(nb).get("seeds")), "device": hw["device"],
                 "threads": threads, "jobs": jobs}
         work.append((str(nb), str(out/i), params, meta, runs_root, threads, tensorboard))
+    if jobs > 1:   # start order only: the summary and the index keep study order
+        order = schedule([w[3]["id"] for w in work], templates); work.sort(key=lambda w: order.index(w[3]["id"]))
     def done(m):
         summary[m["id"]] = m
         log(f"[{len(summary)}/{len(todo)}] {m['title']}: {m['status']} in {m['elapsed_s']:.1f}s"

@@ -118,6 +118,17 @@ def test_jobs_run_templates_side_by_side(fake, tmp_path):
     assert "--jobs 2" in (out/"README.md").read_text()
     with pytest.raises(ConfigError, match="jobs must be at least 1"): cli.reproduce("big", out=out, jobs=0)
 
+def test_schedule_starts_the_vit_trainer_then_the_vit_free_templates(tmp_path):
+    for name, code in [("E0_vit", "src = ex.attention_spec(base, shared)"), ("E1_a", "v = ex.vit_source(base)"),
+                       ("E2_b", "src = ex.attention_spec(base, shared)"), ("S1_c", "x = 1"), ("T1_d", "y = 2")]:
+        nb = nbformat.v4.new_notebook(); nb.cells = [nbformat.v4.new_code_cell(code)]
+        nbformat.write(nb, tmp_path/f"{name}.ipynb")
+    tpl = cli.list_templates(tmp_path)
+    assert [i for i in tpl if cli.needs_vit(tpl[i])] == ["E0", "E1", "E2"]
+    assert cli.schedule(list(tpl), tpl) == ["E0", "S1", "T1", "E1", "E2"]
+    assert cli.schedule(["S1", "E2", "T1"], tpl) == ["E2", "S1", "T1"]   # whichever ViT template comes first trains it
+    assert cli.schedule(["S1", "T1"], tpl) == ["S1", "T1"]
+
 def test_failure_is_recorded_and_raised(fake, tmp_path, capsys):
     out = tmp_path/"reports"
     # main() returns 1 because reproduce() raises RuntimeError after writing meta and index
