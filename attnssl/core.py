@@ -128,7 +128,9 @@ def _repo_commit(folder: Path, tracked: str | None = None) -> str | None:
                                         check=True).stdout.strip()
         if tracked is not None: run("ls-files", "--error-unmatch", tracked)   # a checkout of this code, not a copy
         commit = run("rev-parse", "--short", "HEAD")
-        return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+        # reports/ is what a regeneration writes while it runs: it does not change the code that produced it
+        changes = run("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)reports")
+        return commit + ("+dirty" if changes else "")
     except (OSError, subprocess.CalledProcessError): return None
 
 def git_commit(path: str | os.PathLike | None = None) -> str:

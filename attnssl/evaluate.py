@@ -232,7 +232,7 @@ def _linear_eval_paper(enc, mod, train_set, test_set, C, hp, device, seed, fbs, 
         b0 = get_batch(train_set, idx_all[:2])
         dim = enc(normalize_images(b0["image"].to(device), train_set.mean, train_set.std)).shape[1]
     head = nn.Linear(dim, C).to(device)
-    nn.init.normal_(head.weight, std=0.01); nn.init.zeros_(head.bias)   # the paper protocol's head init
+    nn.init.normal_(head.weight, std=0.01, generator=g); nn.init.zeros_(head.bias)   # the paper protocol's head init
     opt = torch.optim.SGD(head.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp["milestones"]), gamma=0.1)
     bs = hp["batch_size"]
@@ -308,7 +308,8 @@ def finetune(backbone, train_set, test_set, label_fraction: float, seed: int = 0
     with torch.no_grad():
         enc.eval(); x0 = normalize_images(get_batch(train_set, sub[:2])["image"].to(device), train_set.mean, train_set.std)
         dim = (enc.encode(x0) if use_encode else enc(x0)).shape[1]
-    model = _Classifier(enc, dim, train_set.num_classes, use_encode).to(device).train()
+    with torch.random.fork_rng(devices=[]):                         # the head's init follows `seed`, not what ran before
+        torch.manual_seed(seed); model = _Classifier(enc, dim, train_set.num_classes, use_encode).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     if steps is not None and steps < 1: raise ConfigError(f"finetune steps must be at least 1, got {steps}")

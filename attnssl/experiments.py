@@ -37,7 +37,7 @@ SECTIONS = ("dataset", "backbone", "method", "views", "align", "feature_aug", "t
 PIXEL_KEYS = ("source", "t", "min_fg", "max_tries", "weight", "variant", "tau", "proj_dim")
 MASK_METHODS = ("harl",)   # methods that read per-view foreground masks
 RUNTIME_KEYS = ("device", "data_root", "progress", "num_workers", "download", "tensorboard")
-CACHE_VERSION = 3  # bump on ANY change in what training or evaluation does: a stale run is never reused
+CACHE_VERSION = 4  # bump on ANY change in what training or evaluation does: a stale run is never reused
 # v2: validation split carved from eval-train (kNN monitor on it), ResNet `stem`/`last_stride`, recipes, view roles
 #     (methods keep their symmetric loss under align), DINO runs save the teacher, metrics log `loss_method`
 

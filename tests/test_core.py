@@ -33,3 +33,18 @@ def test_git_commit_without_a_checkout_is_the_installed_version(tmp_path, monkey
     monkeypatch.setattr(core, "_package_dir", lambda: tmp_path)   # as if installed outside any checkout
     monkeypatch.chdir(tmp_path)
     assert git_commit() == package_version() and package_version().startswith("attnssl==")
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_reports(tmp_path):
+    "A regeneration writes reports/ while it runs: that is not a change to the code that produced the results."
+    if shutil.which("git") is None: pytest.skip("no git")
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], capture_output=True, text=True, check=True)
+    git("init", "-q"); git("config", "user.email", "t@t"); git("config", "user.name", "t")
+    (tmp_path / "reports").mkdir(); (tmp_path / "pkg").mkdir()
+    (tmp_path / "reports" / "E1.md").write_text("a\n"); (tmp_path / "pkg" / "m.py").write_text("x = 1\n")
+    git("add", "."); git("commit", "-qm", "c")
+    head = git("rev-parse", "--short", "HEAD").stdout.strip()
+    (tmp_path / "reports" / "E1.md").write_text("b\n")
+    assert git_commit(tmp_path / "pkg") == head                  # only reports/ changed, seen from a subfolder too
+    (tmp_path / "pkg" / "m.py").write_text("x = 2\n")
+    assert git_commit(tmp_path / "pkg") == head + "+dirty"

@@ -109,6 +109,18 @@ def test_extract_features_eval_mode_no_grad_and_order():
     assert torch.allclose(f[:5], ref, atol=1e-5)
 
 
+def test_finetune_and_paper_probe_depend_on_seed_not_on_what_ran_before():
+    "A cached result must not depend on the process's random state: the heads are drawn from `seed`."
+    tr, te = ImageSet(120, 0), ImageSet(60, 1)
+    def both(state):
+        enc = Enc(); torch.manual_seed(state)          # Enc() seeds the global state itself: set it after
+        ft = finetune(enc, tr, te, label_fraction=0.2, seed=3, epochs=2, batch_size=8)["top1"]
+        enc = Enc(); torch.manual_seed(state + 1)
+        lp = linear_eval(enc, tr, te, protocol="paper", epochs=2, batch_size=32, lr=0.5, milestones=(1,), seed=3)["top1"]
+        return ft, lp
+    assert both(0) == both(12345)
+
+
 def test_linear_eval_and_finetune_end_to_end():
     tr, te = ImageSet(120, 0), ImageSet(60, 1)
     r = linear_eval(Enc(), tr, te, protocol="cpu", epochs=40, batch_size=32, seed=0)

